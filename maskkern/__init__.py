@@ -1,0 +1,17 @@
+"""maskkern: fused mask kernels for PyTorch (masked softmax, pad-aware embedding, masked
+cross-entropy) on Triton, C++/CUDA and C++ CPU backends, checked against eager PyTorch.
+
+``import maskkern as mk``; see DESIGN.md for the contract and README.md for examples.
+"""
+
+from . import _backend
+
+_backend._load_extension()  # loads maskkern._C (its TORCH_LIBRARY) before the ops attach fakes
+
+from . import masks, nn, reference  # noqa: E402
+from ._backend import BackendStatus, backends  # noqa: E402
+from .ops import masked_softmax  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendStatus", "backends", "masked_softmax", "masks", "nn", "reference"]

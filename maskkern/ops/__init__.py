@@ -1,0 +1,5 @@
+"""The public ops, one module each (function, custom ops, autograd, module class)."""
+
+from .masked_softmax import MaskedSoftmax, masked_softmax
+
+__all__ = ["MaskedSoftmax", "masked_softmax"]
