@@ -1,0 +1,790 @@
+"""The benchmark harness shared by every ``bench/bench_<op>.py``: timing, correctness, memory, GB/s,
+and the outputs (markdown tables, CSV, PNG plots, SUMMARY.md).
+
+A bench script is a module with three names; ``bench/run.py`` discovers ``bench/bench_*.py`` and runs
+them all, and each script also runs alone (``python bench/bench_<op>.py [--quick]``)::
+
+    KERNEL = "masked_softmax"                       # the op's one name (CSV `kernel`, file names)
+
+    def cases(ctx: Context) -> list[Case]:          # what to measure (ctx.quick: a short list)
+        ...
+
+    def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:   # optional
+        ...                                         # headline rows for SUMMARY.md
+
+    if __name__ == "__main__":
+        raise SystemExit(main([sys.modules[__name__]]))
+
+A ``Case`` is one input configuration: ``inputs()`` builds the tensors on ``ctx.device`` (lazily,
+seeded), ``providers`` maps a name to a callable ``fn(**inputs) -> Tensor``, ``reference`` is the
+semantics oracle (``maskkern.reference``). ``ctx.providers(maskkern=..., eager=..., **peers)`` builds
+the standard set: ``maskkern`` (the device's default backend) and on GPU ``maskkern-<backend>`` for
+each other available backend, ``eager`` (the eager expression) and ``compile`` (``torch.compile`` of
+that same eager function), then any peers (``sdpa``, ``liger``, ``apex``) passed when importable.
+
+Method, per case:
+1. Correctness first: every provider runs once and its output (and, for ``fwd+bwd``, the gradients of
+   ``grad_inputs`` for a fixed random output gradient) is compared with the reference at the
+   per-dtype tolerance of the tests; the table says ✓ or the max abs error. A provider that raises
+   is reported and skipped, the run goes on.
+2. Time, per mode: ``fwd`` (under ``torch.no_grad``), ``fwd+bwd`` (forward, then backward of the
+   fixed random gradient; ``.grad`` reset to None before each run) or ``step`` (the callable as it
+   is, e.g. a training step). CPU: warm-up, then providers interleaved A B A B ... for several
+   rounds; each sample times enough back-to-back calls to last ``min_sample_s``; p50/p20/p80 of the
+   per-call times; the thread count is fixed (``--threads``) and recorded. GPU: the same
+   interleaving, one call per sample between CUDA events, L2 flushed (a 256 MB write) before each.
+3. Peak memory: bytes allocated above what is live before the call (the inputs) during one call —
+   outputs, saved activations, temporaries and grads. GPU: ``torch.cuda.max_memory_allocated``;
+   CPU: the allocation events of ``torch.profiler(profile_memory=True)``, summed in time order.
+4. GB/s = ``Case.bytes[mode]`` / p50: the compulsory traffic, each tensor counted once at its dtype
+   (broadcast masks at their real storage; masked tails that need not be read not counted; the
+   script states its model), for every provider; % copy = of the machine's copy bandwidth, measured
+   once per run by a large ``copy_`` (bytes read + written).
+
+Outputs in ``--out`` (default ``bench/results/<device-slug>/``; ``--quick`` runs go to the git-ignored
+``bench/results/tmp/``): ``<kernel>.md`` (the table, also printed), ``<kernel>.csv`` (one row per
+measurement: CSV_COLUMNS; metrics ``time`` ms, ``gbps`` GB/s, ``memory`` MB, ``error`` max abs
+error), ``<kernel>_<plot>.png`` (time and GB/s against the swept ``x``, one line per provider, a
+panel per mode) and, from the runner, ``SUMMARY.md`` (the targets: measured, required, pass/fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import maskkern
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MODES = ("fwd", "fwd+bwd", "step")
+CSV_COLUMNS = (
+    "kernel",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "x_name",
+    "x",
+    "p50",
+    "p20",
+    "p80",
+    "config",
+    "device",
+    "versions",
+    "timestamp",
+)
+# (rtol, atol) of a provider against the reference: the tolerances tests/utils.py holds maskkern to.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-4),
+    torch.bfloat16: (1.6e-2, 1e-3),
+}
+
+# The compile baseline must stay compiled across a sweep's shapes and the no_grad/grad variants:
+# past the default recompile limit dynamo silently falls back to eager and the comparison would be
+# a lie. Raise the limit, and make hitting it an error that the table reports.
+torch._dynamo.config.recompile_limit = 1024
+torch._dynamo.config.accumulated_recompile_limit = 4096
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+# --- what a script declares ---------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One input configuration of one op, measured for every provider and mode.
+
+    Args:
+        name: unique within the kernel; the table's row label (e.g. "L=512 pad=50% causal").
+        x_name, x: the swept variable and its value here (CSV columns, plot x axis).
+        config: JSON-serialisable description (shape, dtype, ...): the CSV ``config`` column.
+        inputs: builds the keyword arguments of the providers on the device (called seeded).
+        providers: name -> ``fn(**inputs) -> Tensor``; names starting "maskkern" are maskkern's.
+        reference: the oracle ``fn(**inputs) -> Tensor``; None skips the check (shown "—").
+        grad_inputs: names of the inputs that get gradients in ``fwd+bwd``.
+        modes: a subset of MODES.
+        bytes: mode -> compulsory bytes moved (for GB/s); absent modes get no GB/s.
+        plot: cases of a kernel with the same ``plot`` form one figure (default: ``x_name``).
+        tol: (rtol, atol) overriding the per-dtype TOL of the reference output.
+    """
+
+    name: str
+    x_name: str
+    x: Any
+    config: dict[str, Any]
+    inputs: Callable[[], dict[str, Any]]
+    providers: dict[str, Callable[..., Tensor]]
+    reference: Callable[..., Tensor] | None = None
+    grad_inputs: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    bytes: dict[str, int] = field(default_factory=dict)
+    plot: str | None = None
+    tol: tuple[float, float] | None = None
+
+
+@dataclass
+class Measurement:
+    """Per-call time quantiles in ms, peak memory in bytes (None if not measured), GB/s."""
+
+    p50: float
+    p20: float
+    p80: float
+    peak_bytes: int | None = None
+    gbps: float | None = None
+
+
+@dataclass
+class CaseResult:
+    """What a case produced: ``times[(provider, mode)]``, ``errors[provider]`` (the exception text
+    of a provider that raised), ``check[provider]`` = (passed, max abs error) against the reference."""
+
+    case: Case
+    times: dict[tuple[str, str], Measurement] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    check: dict[str, tuple[bool, float]] = field(default_factory=dict)
+
+    def p50(self, provider: str, mode: str) -> float | None:
+        """Median ms of ``provider`` in ``mode``, None if it did not run."""
+        m = self.times.get((provider, mode))
+        return None if m is None else m.p50
+
+    def ratio(self, peer: str, mode: str, provider: str = "maskkern") -> float | None:
+        """time(peer) / time(provider): > 1 means ``provider`` is faster."""
+        a, b = self.p50(peer, mode), self.p50(provider, mode)
+        return None if a is None or b is None else a / b
+
+
+@dataclass
+class Target:
+    """A headline row of SUMMARY.md: ``measured <op> required`` passes (op is ">=" or "<=")."""
+
+    name: str
+    measured: float | None
+    required: float
+    op: str = ">="
+    unit: str = "×"
+
+    @property
+    def passed(self) -> bool | None:
+        if self.measured is None or math.isnan(self.measured):
+            return None
+        return self.measured >= self.required if self.op == ">=" else self.measured <= self.required
+
+
+def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``torch.compile`` of the eager function, static shapes (its best case; compiled on first use,
+    which the warm-up absorbs)."""
+    return torch.compile(fn, dynamic=False)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, None when either is missing (for targets built from two cases)."""
+    return None if a is None or b is None else a / b
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """Human name: the GPU's, or the CPU model with the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """Directory name under bench/results/: e.g. ``cpu-amd-epyc-2t``, ``nvidia-h100-80gb-hbm3``."""
+    if device.type == "cuda":
+        return _slug(torch.cuda.get_device_name(device))
+    return f"cpu-{_slug(_cpu_name())}-{torch.get_num_threads()}t"
+
+
+def versions() -> str:
+    """torch / triton / maskkern (git describe) / python / threads, for every CSV row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    try:
+        git = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    return (
+        f"torch {torch.__version__}; triton {triton_version}; maskkern {maskkern.__version__}"
+        f"{'+' + git if git else ''}; python {platform.python_version()}; threads {torch.get_num_threads()}"
+    )
+
+
+# --- timing and memory --------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    """How long to measure: warm-up calls, rounds of the A B A B interleaving (adapted between
+    min_reps and max_reps to fit budget_s per case and mode), and the CPU sample length."""
+
+    warmup: int
+    min_reps: int
+    max_reps: int
+    budget_s: float
+    min_sample_s: float
+
+
+QUICK = Budget(warmup=2, min_reps=3, max_reps=10, budget_s=0.5, min_sample_s=0.005)
+FULL = Budget(warmup=3, min_reps=7, max_reps=40, budget_s=3.0, min_sample_s=0.02)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8]).double())
+    return tuple(float(v) for v in q)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, budget: Budget
+) -> dict[str, tuple[float, float, float]]:
+    """p50/p20/p80 ms per call of each fn, measured in interleaved rounds (A B A B ...) so that
+    drifts of clock, cache and neighbours hit every provider alike."""
+    est: dict[str, float] = {}
+    for name, fn in fns.items():
+        for _ in range(budget.warmup):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        est[name] = max(time.perf_counter() - t0, 1e-7)
+    on_gpu = device.type == "cuda"
+    inner = {n: 1 if on_gpu else max(1, math.ceil(budget.min_sample_s / t)) for n, t in est.items()}
+    round_s = sum(inner[n] * est[n] for n in fns)
+    reps = int(min(budget.max_reps, max(budget.min_reps, budget.budget_s / round_s)))
+    if on_gpu:
+        reps = max(reps, 10)
+        flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if on_gpu:
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3 / inner[name])
+    return {n: _quantiles(s) for n, s in samples.items()}
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Kineto logs two lines to fd 2 per profiler session; the progress bar shares that stream."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated above the live ones during one call of ``fn`` (see the module doc)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(allocations):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def copy_bandwidth(device: torch.device, budget: Budget) -> float:
+    """GB/s of ``dst.copy_(src)`` on buffers far larger than the caches (bytes read + written)."""
+    n = (1 << 30 if device.type == "cuda" else 256 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    p50 = time_interleaved({"copy": lambda: dst.copy_(src)}, device, budget)["copy"][0]
+    return 2 * src.nbytes / (p50 * 1e-3) / 1e9
+
+
+# --- running a case -----------------------------------------------------------------------------
+
+
+def _leaves(inputs: dict[str, Any], names: Iterable[str]) -> list[Tensor]:
+    return [inputs[n] for n in names]
+
+
+def _mode_fn(fn: Callable[..., Tensor], inputs: dict[str, Any], mode: str, leaves: list[Tensor], grad):
+    """A zero-argument callable that runs one ``mode`` call of ``fn``."""
+    if mode == "fwd":
+
+        def call() -> None:
+            with torch.no_grad():
+                fn(**inputs)
+
+    elif mode == "fwd+bwd":
+
+        def call() -> None:
+            for t in leaves:
+                t.grad = None
+            fn(**inputs).backward(grad)
+
+    else:
+
+        def call() -> None:
+            fn(**inputs)
+
+    return call
+
+
+def _outputs(fn: Callable[..., Tensor], inputs: dict[str, Any], leaves: list[Tensor], grad) -> list:
+    """The output and, when ``grad`` is given, the gradients of the leaves, detached."""
+    out = fn(**inputs)
+    if grad is None:
+        return [out.detach()]
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad, allow_unused=True)]
+
+
+def _max_error(actual: list, expected: list, tol: tuple[float, float] | None) -> tuple[bool, float]:
+    ok, err = True, 0.0
+    for a, e in zip(actual, expected, strict=True):
+        if a is None or e is None:
+            ok = ok and a is None and e is None
+            continue
+        rtol, atol = tol or TOL.get(e.dtype, (0.0, 0.0))
+        a64, e64 = a.double(), e.to(a.device).double()
+        same_nan = torch.equal(a64.isnan(), e64.isnan())
+        diff = (a64 - e64).abs().nan_to_num(0.0)
+        err = max(err, float(diff.max()) if diff.numel() else 0.0, 0.0 if same_nan else math.inf)
+        ok = ok and a.shape == e.shape and torch.allclose(a64, e64, rtol, atol, equal_nan=True)
+    return ok, err
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+
+
+class Context:
+    """One run: the device, the budget, the copy bandwidth, and the rows measured so far."""
+
+    def __init__(
+        self, device: torch.device, quick: bool, backend: str | None, out_dir: Path, plots: bool = True
+    ) -> None:
+        self.device, self.quick, self.backend = device, quick, backend
+        self.out_dir, self.plots = out_dir, plots
+        self.budget = QUICK if quick else FULL
+        self.device_name = device_name(device)
+        self.versions = versions()
+        self.timestamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self._copy_gbps: float | None = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def copy_gbps(self) -> float:
+        """The machine's measured copy bandwidth (GB/s), measured once per run on first use."""
+        if self._copy_gbps is None:
+            self._copy_gbps = copy_bandwidth(self.device, self.budget)
+        return self._copy_gbps
+
+    def maskkern_backends(self) -> list[tuple[str, str]]:
+        """(provider name, backend): the device's default as ``maskkern``, then on GPU
+        ``maskkern-<backend>`` for every other available backend; ``--backend`` forces one."""
+        if self.backend is not None:
+            return [("maskkern", self.backend)]
+        status = maskkern.backends()
+        order = ("triton", "cuda") if self.on_gpu else ("cpu",)
+        found = [b for b in order if status[b].available] or ["torch"]
+        return [("maskkern", found[0])] + [(f"maskkern-{b}", b) for b in found[1:]]
+
+    def providers(
+        self,
+        maskkern: Callable[[str], Callable[..., Tensor]],
+        eager: Callable[..., Tensor],
+        **peers: Callable[..., Tensor] | None,
+    ) -> dict[str, Callable[..., Tensor]]:
+        """The standard providers: ``maskkern(backend)`` for each of maskkern_backends(), ``eager``,
+        ``compile`` = compiled(eager), then the peers that are not None (pass None when a peer is not
+        importable or does not apply here)."""
+        out = {name: maskkern(backend) for name, backend in self.maskkern_backends()}
+        out["eager"] = eager
+        out["compile"] = compiled(eager)
+        out.update({k: v for k, v in peers.items() if v is not None})
+        return out
+
+    def run_case(self, case: Case, on_mode: Callable[[str], None] = lambda mode: None) -> CaseResult:
+        """Check, then time and measure every provider in every mode of ``case``."""
+        result = CaseResult(case)
+        torch.manual_seed(0)
+        inputs = case.inputs()
+        leaves = _leaves(inputs, case.grad_inputs)
+        providers = dict(case.providers)
+        with_grad = "fwd+bwd" in case.modes
+        for t in leaves:
+            t.requires_grad_(with_grad)
+        grad = None
+        if case.reference is not None:
+            ref = case.reference(**inputs)
+            grad = torch.randn_like(ref) if with_grad else None
+            expected = _outputs(case.reference, inputs, leaves, grad)
+        elif with_grad:
+            grad = torch.randn_like(next(iter(providers.values()))(**inputs))
+        for name, fn in list(providers.items()):
+            try:
+                if case.reference is None:
+                    fn(**inputs)
+                else:
+                    result.check[name] = _max_error(_outputs(fn, inputs, leaves, grad), expected, case.tol)
+            except Exception as exc:
+                result.errors[name] = _error_text(exc)
+                del providers[name]
+        for mode in case.modes:
+            on_mode(mode)
+            for t in leaves:
+                t.requires_grad_(mode == "fwd+bwd")
+            calls = {n: _mode_fn(fn, inputs, mode, leaves, grad) for n, fn in providers.items()}
+            try:
+                stats = time_interleaved(calls, self.device, self.budget)
+            except Exception:  # one provider failing in this mode: time the others alone
+                stats = {}
+                for name, call in calls.items():
+                    try:
+                        stats.update(time_interleaved({name: call}, self.device, self.budget))
+                    except Exception as exc1:
+                        result.errors.setdefault(name, f"{mode}: {_error_text(exc1)}")
+            nbytes = case.bytes.get(mode)
+            for name, (p50, p20, p80) in stats.items():
+                for t in leaves:  # grads of the last run would be freed inside the measured call
+                    t.grad = None
+                peak = peak_memory(calls[name], self.device)
+                gbps = None if nbytes is None else nbytes / (p50 * 1e-3) / 1e9
+                result.times[(name, mode)] = Measurement(p50, p20, p80, peak, gbps)
+            for t in leaves:
+                t.grad = None
+        return result
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.{digits}g}" if abs(v) < 10**digits else f"{v:.0f}"
+
+
+def _is_maskkern(provider: str) -> bool:
+    return provider.startswith("maskkern")
+
+
+def _check_cell(result: CaseResult) -> str:
+    cells = []
+    for name in result.case.providers:
+        if not _is_maskkern(name):
+            continue
+        label = "" if name == "maskkern" else name.removeprefix("maskkern-") + " "
+        if name in result.errors:
+            cells.append(f"{label}error")
+        elif name in result.check:
+            ok, err = result.check[name]
+            cells.append(f"{label}{'✓' if ok else '✗ ' + _fmt(err, 2)}")
+        else:
+            cells.append(f"{label}—")
+    return ", ".join(cells)
+
+
+def markdown_table(kernel: str, results: list[CaseResult], ctx: Context) -> str:
+    """The per-op table: one row per case and mode."""
+    providers: list[str] = []
+    for r in results:
+        providers += [p for p in r.case.providers if p not in providers]
+    peers = [p for p in providers if p != "maskkern"]
+    has_gbps = any(m.gbps is not None for r in results for m in r.times.values())
+    head = ["case", "mode", "check", *(f"{p} ms" for p in providers), *(f"× {p}" for p in peers)]
+    head += ["GB/s", "% copy"] if has_gbps else []
+    head += ["peak MB (" + " / ".join(providers) + ")"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for r in results:
+        for mode in r.case.modes:
+            times = [_fmt(r.p50(p, mode)) for p in providers]
+            for i, p in enumerate(providers):
+                if p in r.check and not r.check[p][0]:
+                    times[i] += " ✗"
+                if p in r.errors and (p, mode) not in r.times:
+                    times[i] = "error"
+            row = [r.case.name, mode, _check_cell(r), *times]
+            row += [_fmt(r.ratio(p, mode), 3) for p in peers]
+            if has_gbps:
+                m = r.times.get(("maskkern", mode))
+                gbps = None if m is None else m.gbps
+                row += [_fmt(gbps), _fmt(None if gbps is None else 100 * gbps / ctx.copy_gbps, 2)]
+            mem = [r.times.get((p, mode)) for p in providers]
+            row.append(" / ".join(_fmt(None if m is None else m.peak_bytes / 2**20) for m in mem))
+            lines.append("| " + " | ".join(row) + " |")
+        notes += [f"- {r.case.name}: {p}: {e}" for p, e in r.errors.items()]
+    method = (
+        f"{ctx.device_name}; {ctx.versions}; {ctx.timestamp}. ms = median per call over interleaved runs "
+        f"(p20/p80 in the CSV); `× p` = time(p) / time(maskkern) (> 1: maskkern is faster); ✓ = output"
+        f" (and grads) match the reference, ✗ = max abs error, a ✗ after a time = that provider is wrong;"
+        f" peak MB = allocated above the inputs during one call."
+    )
+    if has_gbps:
+        method += f" GB/s = compulsory bytes / median (maskkern); % copy = of {ctx.copy_gbps:.1f} GB/s copy_."
+    out = [f"## {kernel}", "", method, "", *lines]
+    if notes:
+        out += ["", "Errors:", *notes]
+    return "\n".join(out) + "\n"
+
+
+def csv_rows(kernel: str, results: list[CaseResult], ctx: Context) -> list[dict[str, Any]]:
+    """One row per measurement (time, gbps, memory per provider and mode; error per provider)."""
+    rows = []
+    run = (ctx.device_name, ctx.versions, ctx.timestamp)
+
+    def row(case: Case, provider: str, mode: str, metric: str, unit: str, q: tuple[float, float, float]):
+        config = json.dumps(case.config, sort_keys=True)
+        rows.append(
+            dict(
+                zip(
+                    CSV_COLUMNS,
+                    (kernel, provider, mode, metric, unit, case.x_name, case.x, *q, config, *run),
+                    strict=True,
+                )
+            )
+        )
+
+    for r in results:
+        check_mode = "fwd+bwd" if "fwd+bwd" in r.case.modes else r.case.modes[0]
+        for p, (_, err) in r.check.items():
+            row(r.case, p, check_mode, "error", "abs", (err, err, err))
+        for (p, mode), m in r.times.items():
+            row(r.case, p, mode, "time", "ms", (m.p50, m.p20, m.p80))
+            if m.gbps is not None:
+                g = r.case.bytes[mode] / 1e6
+                row(r.case, p, mode, "gbps", "GB/s", (m.gbps, g / m.p80, g / m.p20))
+            if m.peak_bytes is not None:
+                mb = m.peak_bytes / 2**20
+                row(r.case, p, mode, "memory", "MB", (mb, mb, mb))
+    return rows
+
+
+def plot(kernel: str, results: list[CaseResult], ctx: Context) -> list[Path]:
+    """One PNG per ``Case.plot``: time (log) and, where bytes are known, GB/s against x, per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[CaseResult]] = {}
+    for r in results:
+        groups.setdefault(r.case.plot or r.case.x_name, []).append(r)
+    paths = []
+    for name, group in groups.items():
+        modes = [m for m in MODES if any(m in r.case.modes for r in group)]
+        has_gbps = any(m.gbps is not None for r in group for m in r.times.values())
+        rows = 2 if has_gbps else 1
+        fig, axes = plt.subplots(rows, len(modes), figsize=(5.5 * len(modes), 4 * rows), squeeze=False)
+        xs = [r.case.x for r in group]
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        for j, mode in enumerate(modes):
+            for provider in dict.fromkeys(p for r in group for p in r.case.providers):
+                pts = [
+                    (r.case.x if numeric else i, r.times[(provider, mode)])
+                    for i, r in enumerate(group)
+                    if (provider, mode) in r.times
+                ]
+                if not pts:
+                    continue
+                x = [p[0] for p in pts]
+                style = dict(marker="o", lw=2.5 if _is_maskkern(provider) else 1.5, label=provider)
+                axes[0][j].plot(x, [m.p50 for _, m in pts], **style)
+                axes[0][j].fill_between(x, [m.p20 for _, m in pts], [m.p80 for _, m in pts], alpha=0.2)
+                if has_gbps:
+                    axes[1][j].plot(x, [m.gbps or math.nan for _, m in pts], **style)
+            axes[0][j].set(title=f"{kernel} {name} — {mode}", ylabel="ms (p50, p20–p80)", yscale="log")
+            if has_gbps:
+                axes[1][j].axhline(ctx.copy_gbps, color="gray", ls="--", label="copy_")
+                axes[1][j].set(ylabel="GB/s")
+            for ax in axes[:, j]:
+                ax.set_xlabel(group[0].case.x_name)
+                if not numeric:
+                    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+                elif min(xs) > 0 and max(xs) / min(xs) >= 8:
+                    ax.set_xscale("log", base=2)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.suptitle(ctx.device_name, fontsize=9)
+        fig.tight_layout()
+        path = ctx.out_dir / f"{kernel}_{_slug(name)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def summary_markdown(targets: list[Target], ctx: Context) -> str:
+    """SUMMARY.md: each target with its measured value, requirement and pass/fail."""
+    lines = [
+        f"# maskkern benchmark summary — {ctx.device_name}",
+        "",
+        f"{ctx.timestamp}; {ctx.versions}; copy_ bandwidth {ctx.copy_gbps:.1f} GB/s"
+        f"{'; --quick run' if ctx.quick else ''}.",
+        "",
+        summary_rows(targets),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(targets: list[Target]) -> str:
+    """The targets as a markdown table: measured, required, pass/fail."""
+    lines = ["| target | measured | required | result |", "|---|---|---|---|"]
+    for t in targets:
+        verdict = {True: "pass", False: "**FAIL**", None: "n/a"}[t.passed]
+        measured, required = f"{_fmt(t.measured)}{t.unit}", f"{t.op} {_fmt(t.required)}{t.unit}"
+        lines.append(f"| {t.name} | {measured} | {required} | {verdict} |")
+    return "\n".join(lines)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="maskkern benchmarks (see bench/README.md)")
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute for the suite)")
+    parser.add_argument("--only", default="", help="comma-separated kernels to run (default: all)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--backend", default=None, help="force maskkern's backend (e.g. torch)")
+    parser.add_argument("--out", type=Path, default=None, help="output dir (default: bench/results/<device>)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser.parse_args(argv)
+
+
+def main(modules: list[ModuleType], argv: list[str] | None = None, suite: bool = False) -> int:
+    """Run the cases of ``modules``, print and write the outputs; 1 if a maskkern check failed or
+    a maskkern provider raised. ``suite`` (bench/run.py): write SUMMARY.md unless ``--only``."""
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    only = {k for k in args.only.split(",") if k}
+    modules = [m for m in modules if not only or m.KERNEL in only]
+    slug = device_slug(device)
+    out_dir = args.out or (RESULTS / "tmp" / f"{slug}-quick" if args.quick else RESULTS / slug)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(device, args.quick, args.backend, out_dir, plots=not args.no_plots)
+    print(f"maskkern bench on {ctx.device_name}: {ctx.versions}", file=sys.stderr)
+    print(f"copy_ bandwidth: {ctx.copy_gbps:.1f} GB/s; results -> {out_dir}", file=sys.stderr)
+    plan = [(m, m.cases(ctx)) for m in modules]
+    bar = tqdm(total=sum(len(c.modes) for _, cases in plan for c in cases), unit="step", dynamic_ncols=True)
+    targets: list[Target] = []
+    failed = False
+    for module, cases in plan:
+        results = {}
+        for case in cases:
+
+            def on_mode(mode: str, name: str = f"{module.KERNEL} {case.name}") -> None:
+                bar.set_description(f"{name} {mode}")
+                bar.update(1)
+
+            results[case.name] = ctx.run_case(case, on_mode)
+            gc.collect()
+            if ctx.on_gpu:
+                torch.cuda.empty_cache()
+        kernel_targets = module.targets(ctx, results) if hasattr(module, "targets") else []
+        targets += kernel_targets
+        table = markdown_table(module.KERNEL, list(results.values()), ctx)
+        if kernel_targets:
+            table += "\n" + summary_rows(kernel_targets) + "\n"
+        tqdm.write(table)
+        (out_dir / f"{module.KERNEL}.md").write_text(table)
+        with open(out_dir / f"{module.KERNEL}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(csv_rows(module.KERNEL, list(results.values()), ctx))
+        if ctx.plots:
+            plot(module.KERNEL, list(results.values()), ctx)
+        failed |= any(
+            _is_maskkern(p) and (p in r.errors or not r.check.get(p, (True, 0))[0])
+            for r in results.values()
+            for p in r.case.providers
+        )
+    bar.close()
+    summary = summary_markdown(targets, ctx)
+    print(summary)
+    if suite and not only:
+        (out_dir / "SUMMARY.md").write_text(summary)
+    return 1 if failed else 0

@@ -1,0 +1,302 @@
+"""masked_softmax vs eager ``torch.softmax((x * scale).masked_fill(~keep, -inf), -1)`` vs torch.compile
+of that expression (and on GPU Apex's fused ScaledMaskedSoftmax and Liger's softmax when importable).
+
+The eager ``keep`` is materialised from lengths / causal the way users write it: ``arange(L) <
+lengths[:, None]`` viewed as (B, 1, 1, L), ANDed with ``ones(L, L).tril()`` for causal. maskkern gets
+the lengths (or the bool mask) and ``causal=`` and never materialises the mask.
+
+Sweeps: sequence length (lengths uniform in [L/4, L], causal; about the same number of elements at
+each L), key padding fraction 0/25/50/75% (lengths = L * (1 - p), no causal), and the kinds of
+masking at the headline shape (4, 8, 512, 512). fp32 on CPU; fp16 and bf16 on GPU.
+
+Bytes model (GB/s): fwd reads the kept scores and writes the whole output; fwd+bwd also reads dY and
+Y at the kept positions and writes the whole dX. Masked tails need not be read: a kernel that skips
+them does less work the more padding there is, and its GB/s is not inflated. Lengths and a bool mask
+count at their real storage ((B,) int64, (B, 1, 1, L) bool).
+
+    python bench/bench_masked_softmax.py [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from _harness import Case, CaseResult, Context, Target, main, ratio
+from torch import Tensor
+
+import maskkern as mk
+from maskkern import reference
+
+KERNEL = "masked_softmax"
+SCALE = 0.125  # 1 / sqrt(head_dim = 64)
+HEADLINE = (4, 8, 512, 512)
+
+
+def keep_mask(lengths: Tensor | None, causal: bool, L: int, device: torch.device) -> Tensor | None:
+    """The eager user's (B, 1, 1|L, L) keep-mask: key padding from lengths AND tril for causal."""
+    keep = None
+    if lengths is not None:
+        keep = (torch.arange(L, device=device) < lengths[:, None])[:, None, None, :]
+    if causal:
+        tril = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        keep = tril if keep is None else keep & tril
+    return keep
+
+
+def _eager(causal: bool):
+    def eager(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        keep = keep_mask(lengths, causal, scores.shape[-1], scores.device)
+        if mask is not None:
+            keep = mask if keep is None else keep & mask
+        x = scores * SCALE
+        return torch.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), -1)
+
+    return eager
+
+
+def _maskkern(causal: bool):
+    def for_backend(backend: str):
+        def fn(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+            return mk.masked_softmax(
+                scores, mask, lengths=lengths, causal=causal, scale=SCALE, backend=backend
+            )
+
+        return fn
+
+    return for_backend
+
+
+def _reference(causal: bool):
+    def ref(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return reference.masked_softmax(scores, mask, lengths=lengths, causal=causal, scale=SCALE)
+
+    return ref
+
+
+def _peers(ctx: Context, causal: bool, dtype: torch.dtype, L: int) -> dict:
+    """Apex's fused masked softmax (fp16/bf16, 16 < L <= 4096, L % 8 == 0: its limits) and Liger's
+    softmax after an eager masked_fill, on GPU when importable."""
+    peers: dict = {}
+    if not ctx.on_gpu:
+        return peers
+    try:
+        from apex.transformer.functional.fused_softmax import ScaledMaskedSoftmax
+    except ImportError:
+        ScaledMaskedSoftmax = None
+    if ScaledMaskedSoftmax is not None and dtype != torch.float32 and 16 < L <= 4096 and L % 8 == 0:
+
+        def apex(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+            keep = keep_mask(lengths, causal, L, scores.device)
+            keep = keep if mask is None else mask if keep is None else keep & mask
+            dense = ~keep.expand(scores.shape[0], 1, L, L)  # Apex wants a full [b, 1, sq, sk] mask
+            return ScaledMaskedSoftmax.apply(scores, dense, SCALE)
+
+        peers["apex"] = apex
+    try:
+        from liger_kernel.transformers.functional import liger_softmax
+    except ImportError:
+        liger_softmax = None
+    if liger_softmax is not None:
+
+        def liger(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+            keep = keep_mask(lengths, causal, L, scores.device)
+            keep = keep if mask is None else mask if keep is None else keep & mask
+            x = scores * SCALE
+            return liger_softmax(x if keep is None else x.masked_fill(~keep, float("-inf")))
+
+        peers["liger"] = liger
+    return peers
+
+
+def kept(lengths: list[int], causal: bool, L: int) -> int:
+    """Kept positions of one head: sum over batches and query rows of min(length, i + 1 if causal)."""
+    return sum(sum(min(n, i + 1) if causal else n for i in range(L)) for n in lengths)
+
+
+def case(
+    ctx: Context,
+    name: str,
+    x_name: str,
+    x,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    *,
+    lengths: str | float | None,
+    causal: bool,
+    bool_mask: bool = False,
+    plot: str | None = None,
+) -> Case:
+    """lengths: "uniform" (in [L/4, L]), a padding fraction p (lengths = L * (1 - p)) or None;
+    bool_mask: pass the key padding as a (B, 1, 1, L) bool mask instead of lengths."""
+    B, H, Lq, L = shape
+    gen = torch.Generator().manual_seed(0)
+    if lengths == "uniform":
+        lens = torch.randint(L // 4, L + 1, (B,), generator=gen).tolist()
+    elif lengths is None:
+        lens = [L] * B
+    else:
+        lens = [round(L * (1 - lengths))] * B
+
+    def inputs() -> dict:
+        scores = torch.randn(shape, dtype=dtype, device=ctx.device)
+        if lengths is None:
+            return {"scores": scores}
+        lens_t = torch.tensor(lens, device=ctx.device)
+        if bool_mask:
+            return {"scores": scores, "mask": keep_mask(lens_t, False, L, ctx.device)}
+        return {"scores": scores, "lengths": lens_t}
+
+    es, n = dtype.itemsize, B * H * Lq * L
+    k = H * kept(lens, causal, L)
+    side = 0 if lengths is None else B * L if bool_mask else 8 * B
+    fwd = k * es + n * es + side
+    return Case(
+        name=name,
+        x_name=x_name,
+        x=x,
+        config=dict(
+            shape=list(shape),
+            dtype=str(dtype).removeprefix("torch."),
+            lengths=lengths,
+            causal=causal,
+            mask="bool (B,1,1,L)" if bool_mask else "lengths" if lengths is not None else "none",
+            scale=SCALE,
+        ),
+        inputs=inputs,
+        providers=ctx.providers(_maskkern(causal), _eager(causal), **_peers(ctx, causal, dtype, L)),
+        reference=_reference(causal),
+        grad_inputs=("scores",),
+        bytes={"fwd": fwd, "fwd+bwd": fwd + 2 * k * es + n * es + side},
+        plot=plot,
+    )
+
+
+def _dtypes(ctx: Context) -> list[torch.dtype]:
+    return [torch.float16, torch.bfloat16] if ctx.on_gpu else [torch.float32]
+
+
+def _seq_shape(ctx: Context, L: int) -> tuple[int, int, int, int]:
+    """About the same number of elements at every L (2^23 on CPU, 2^28 on GPU): B up to 4, then H."""
+    elems = 1 << (28 if ctx.on_gpu else 23)
+    B = min(4, max(1, elems // (L * L)))
+    return (B, max(1, elems // (B * L * L)), L, L)
+
+
+def cases(ctx: Context) -> list[Case]:
+    """Quick: the headline case and padding 0% / 50%. Full: the sweeps in the module docstring."""
+    out = []
+    for dtype in _dtypes(ctx):
+        d = str(dtype).removeprefix("torch.")
+        if ctx.quick:
+            seq = [512]
+        else:
+            seq = [512, 1024, 2048, 4096, 8192, 16384] if ctx.on_gpu else [128, 256, 512, 1024, 2048]
+        for L in seq:
+            shape = _seq_shape(ctx, L) if L != 512 or ctx.on_gpu else HEADLINE
+            out.append(
+                case(
+                    ctx,
+                    f"{shape} {d} lengths~U[L/4,L] causal",
+                    "L",
+                    L,
+                    shape,
+                    dtype,
+                    lengths="uniform",
+                    causal=True,
+                    plot=f"seqlen {d}",
+                )
+            )
+        pad_shape = (4, 16, 2048, 2048) if ctx.on_gpu else HEADLINE
+        for p in [0.0, 0.5] if ctx.quick else [0.0, 0.25, 0.5, 0.75]:
+            out.append(
+                case(
+                    ctx,
+                    f"{pad_shape} {d} pad={p:.0%}",
+                    "padding",
+                    p,
+                    pad_shape,
+                    dtype,
+                    lengths=p,
+                    causal=False,
+                    plot=f"padding {d}",
+                )
+            )
+        if ctx.quick:
+            continue
+        variants = [
+            ("no mask", dict(lengths=None, causal=False)),
+            ("lengths", dict(lengths="uniform", causal=False)),
+            ("bool mask", dict(lengths="uniform", causal=False, bool_mask=True)),
+            ("causal", dict(lengths=None, causal=True)),
+            ("bool mask+causal", dict(lengths="uniform", causal=True, bool_mask=True)),
+        ]
+        for label, kw in variants:
+            out.append(
+                case(
+                    ctx,
+                    f"{HEADLINE} {d} {label}",
+                    "masking",
+                    label,
+                    HEADLINE,
+                    dtype,
+                    plot=f"masking {d}",
+                    **kw,
+                )
+            )
+    return out
+
+
+def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
+    """CPU: the headline ratios and "padding pays"; GPU: % of copy bandwidth and × compile."""
+    out = []
+    for dtype in _dtypes(ctx):
+        d = str(dtype).removeprefix("torch.")
+        pad = {
+            p: results.get(f"{(4, 16, 2048, 2048) if ctx.on_gpu else HEADLINE} {d} pad={p:.0%}")
+            for p in (0, 0.5)
+        }
+        if not ctx.on_gpu:
+            head = results.get(f"{HEADLINE} {d} lengths~U[L/4,L] causal")
+            label = f"masked_softmax fwd+bwd {HEADLINE} {d}, lengths~U[L/4,L], causal"
+            out += [
+                Target(f"{label}: × eager", head and head.ratio("eager", "fwd+bwd"), 20),
+                Target(f"{label}: × compile", head and head.ratio("compile", "fwd+bwd"), 2),
+            ]
+        else:
+            seq = [r for r in results.values() if r.case.plot == f"seqlen {d}"]
+            pct = [
+                r.times[("maskkern", "fwd")].gbps / ctx.copy_gbps * 100
+                for r in seq
+                if ("maskkern", "fwd") in r.times
+            ]
+            x_compile = [r.ratio("compile", "fwd+bwd") for r in seq]
+            out += [
+                Target(
+                    f"masked_softmax fwd {d}, L 512..16384: min % of copy bandwidth",
+                    min(pct, default=None),
+                    85,
+                    unit="%",
+                ),
+                Target(
+                    f"masked_softmax fwd+bwd {d}, L 512..16384: min × compile",
+                    min((x for x in x_compile if x), default=None),
+                    1.5,
+                ),
+            ]
+        t0 = pad[0] and pad[0].p50("maskkern", "fwd+bwd")
+        t50 = pad[0.5] and pad[0.5].p50("maskkern", "fwd+bwd")
+        out.append(
+            Target(
+                f"masked_softmax padding pays {d}: fwd+bwd time at 50% / 0% padding (floor 0.7)",
+                ratio(t50, t0),
+                0.75,
+                "<=",
+                "",
+            )
+        )
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main([sys.modules[__name__]]))
