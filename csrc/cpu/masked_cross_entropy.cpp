@@ -1,0 +1,253 @@
+// masked_cross_entropy on CPU: one row = the C logits of one target. The contract is in
+// csrc/maskkern.cpp; the reduction over rows is done by the caller on (N,)-sized tensors.
+//
+// A row that does not count is never read: its ce and lse are 0 and its gradient row zeros. A
+// counted row makes three passes over its logits, the first from memory and the next two from
+// L1/L2 (a 32000-class fp32 row is 125 KiB): the max; then sum(exp(x - max)) and, with label
+// smoothing, sum(w_c * (max - x_c)) (both terms of the smoothing sum are >= 0: no cancellation);
+// then the gradient p_c * coef - s_ce * eps/C * w_c, stored in the logits' dtype, with the target's
+// element recomputed in fp32 (fp64) so that its (1-eps) * w_y is subtracted before the one
+// rounding. Math in fp32 for half inputs, fp64 for fp64. Rows run in parallel with
+// at::parallel_for; each output element is written by one thread in a fixed order: the result is
+// deterministic.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+namespace maskkern {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+// Elements [0, count) of p as a vector of the compute type, count <= its lanes; lanes past count
+// are 0 (callers mask them where 0 is not neutral).
+template <typename scalar_t>
+Vectorized<acc_type<scalar_t>> load(const scalar_t* p, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return Vectorized<scalar_t>::loadu(p, count);
+  } else {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count)));
+  }
+}
+
+template <typename scalar_t>
+void store(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    v.store(p, count);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+  }
+}
+
+// ATen's AVX2 polynomial exp (about 20 ulp at worst, well inside the fp32 tolerance; -inf gives
+// 0). It maps NaN to a finite value: rows with a NaN never get here (their max is NaN).
+inline Vectorized<float> fast_exp(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> fast_exp(const Vectorized<double>& x) { return x.exp(); }
+
+template <typename acc_t>
+struct Params {
+  int64_t C, row_stride;
+  const int64_t* target;
+  const bool* valid;
+  const acc_t* weight;  // (C,) or nullptr
+  acc_t weight_sum;     // sum of weight (C without weights)
+  acc_t smoothing;      // label_smoothing
+  acc_t z_loss;
+  acc_t s_ce, s_z;  // grad_scale
+};
+
+template <typename scalar_t>
+void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const scalar_t* x,
+                       acc_type<scalar_t>* ce, acc_type<scalar_t>* lse, scalar_t* g) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t lanes = Vec::size();
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+  const int64_t C = p.C;
+  const int64_t t = p.target[i];
+  if (!p.valid[i]) {
+    ce[i] = lse[i] = 0;
+    if (g != nullptr) {
+      std::memset(g, 0, static_cast<size_t>(C) * sizeof(scalar_t));  // all-zero bits = +0.0
+    }
+    return;
+  }
+
+  Vec vmax(-kInf);
+  for (int64_t j = 0; j < C; j += lanes) {
+    const int64_t count = std::min(lanes, C - j);
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(-kInf), load(x + j, count), count));  // keeps NaN
+  }
+  const acc_t m = at::vec::vec_reduce_all<acc_t>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  // The Python layer has checked the target; an unchecked one still reads nothing out of bounds.
+  // A NaN, +inf (inf - inf) or an all -inf row gives NaN, as log_softmax does in eager.
+  if (t < 0 || t >= C || !std::isfinite(m)) {
+    ce[i] = lse[i] = kNaN;
+    if (g != nullptr) {
+      std::fill_n(g, C, static_cast<scalar_t>(kNaN));
+    }
+    return;
+  }
+
+  const bool smooth = p.smoothing != 0;
+  const Vec vm(m), zero(0);
+  Vec vsum(0), vsmooth(0);
+  for (int64_t j = 0; j < C; j += lanes) {
+    const int64_t count = std::min(lanes, C - j);
+    const Vec v = load(x + j, count);
+    vsum = vsum + Vec::set(zero, fast_exp(v - vm), count);
+    if (smooth) {
+      const Vec d = Vec::set(zero, vm - v, count);
+      vsmooth = vsmooth + (p.weight != nullptr ? d * Vec::loadu(p.weight + j, count) : d);
+    }
+  }
+  const auto add = [](const Vec& a, const Vec& b) { return a + b; };
+  const acc_t sum = at::vec::vec_reduce_all<acc_t>(add, vsum);
+  const acc_t row_lse = m + std::log(sum);
+  const acc_t x_t = static_cast<acc_t>(x[t]);  // read now: the gradient may overwrite x
+  const acc_t w_t = p.weight != nullptr ? p.weight[t] : acc_t(1);
+  const acc_t eps = p.smoothing / static_cast<acc_t>(C);
+  acc_t row_ce = (1 - p.smoothing) * w_t * (row_lse - x_t);
+  if (smooth) {
+    const acc_t smooth_sum = at::vec::vec_reduce_all<acc_t>(add, vsmooth);
+    row_ce += eps * (p.weight_sum * (row_lse - m) + smooth_sum);
+  }
+  ce[i] = row_ce;
+  lse[i] = row_lse;
+  if (g == nullptr) {
+    return;
+  }
+
+  // d/dx_c = p_c * (s_ce * ((1-eps) w_y + eps/C * sum(w)) + s_z * 2 z lse) - s_ce * eps/C * w_c
+  //          - [c == y] * s_ce * (1-eps) * w_y, with p_c = exp(x_c - m) / sum.
+  const acc_t coef =
+      (p.s_ce * ((1 - p.smoothing) * w_t + eps * p.weight_sum) + p.s_z * 2 * p.z_loss * row_lse) /
+      sum;
+  const Vec vcoef(coef), veps(p.s_ce * eps);
+  for (int64_t j = 0; j < C; j += lanes) {
+    const int64_t count = std::min(lanes, C - j);
+    Vec d = fast_exp(load(x + j, count) - vm) * vcoef;
+    if (smooth) {
+      d = d - (p.weight != nullptr ? veps * Vec::loadu(p.weight + j, count) : veps);
+    }
+    store(g + j, d, count);
+  }
+  g[t] = static_cast<scalar_t>(std::exp(x_t - m) * coef - p.s_ce * eps * w_t -
+                               p.s_ce * (1 - p.smoothing) * w_t);
+}
+
+template <typename scalar_t>
+void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& valid,
+                        const c10::optional<at::Tensor>& weight, double label_smoothing,
+                        double z_loss, const c10::optional<at::Tensor>& grad_scale,
+                        const c10::optional<at::Tensor>& grad, at::Tensor& ce, at::Tensor& lse) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1);
+  Params<acc_t> p{C,
+                  logits.stride(0),
+                  target.const_data_ptr<int64_t>(),
+                  valid.const_data_ptr<bool>(),
+                  weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr,
+                  static_cast<acc_t>(C),
+                  static_cast<acc_t>(label_smoothing),
+                  static_cast<acc_t>(z_loss),
+                  1,
+                  1};
+  if (weight.has_value()) {
+    p.weight_sum = weight->sum().item<acc_t>();
+  }
+  if (grad_scale.has_value()) {
+    const at::Tensor s = grad_scale->contiguous();
+    p.s_ce = s.const_data_ptr<acc_t>()[0];
+    p.s_z = s.const_data_ptr<acc_t>()[1];
+  }
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  scalar_t* g = grad.has_value() ? grad->mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* ce_ptr = ce.mutable_data_ptr<acc_t>();
+  acc_t* lse_ptr = lse.mutable_data_ptr<acc_t>();
+  // About 32K elements per task: below that a second thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, N, grain, [&](int64_t first, int64_t end) {
+    for (const auto i : c10::irange(first, end)) {
+      cross_entropy_row<scalar_t>(p, i, x + i * p.row_stride, ce_ptr, lse_ptr,
+                                  g == nullptr ? nullptr : g + i * C);
+    }
+  });
+}
+
+void check_optional_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t size,
+                           at::ScalarType dtype) {
+  if (t.has_value()) {
+    TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size, ",), got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == dtype, name, " must be ", dtype, ", got ", t->scalar_type());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_cross_entropy_fwd(
+    const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& valid_in,
+    const c10::optional<at::Tensor>& weight_in, double label_smoothing, double z_loss,
+    const c10::optional<at::Tensor>& grad_scale_in, const c10::optional<at::Tensor>& grad) {
+  TORCH_CHECK(logits_in.device().is_cpu(), "logits must be a CPU tensor");
+  TORCH_CHECK(logits_in.dim() == 2, "logits must be (N, C), got shape ", logits_in.sizes());
+  const auto dtype = logits_in.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+      "logits must be float16/bfloat16/float32/float64, got ", dtype);
+  const int64_t N = logits_in.size(0), C = logits_in.size(1);
+  const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  check_optional_vector(target_in, "target", N, at::kLong);
+  check_optional_vector(valid_in, "valid", N, at::kBool);
+  check_optional_vector(weight_in, "weight", C, acc);
+  check_optional_vector(grad_scale_in, "grad_scale", 2, acc);
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->device().is_cpu() && grad->scalar_type() == dtype,
+                "grad must be a CPU tensor of logits' dtype");
+    TORCH_CHECK(grad->sizes() == logits_in.sizes() && grad->is_contiguous(),
+                "grad must be a contiguous (N, C) tensor, got shape ", grad->sizes());
+  }
+  // Class stride 1 is the fast layout the Python layer provides; anything else is copied.
+  const at::Tensor logits = logits_in.stride(1) == 1 || C <= 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor target = target_in.contiguous(), valid = valid_in.contiguous();
+  const auto weight =
+      weight_in.has_value() ? c10::optional<at::Tensor>(weight_in->contiguous()) : c10::nullopt;
+  at::Tensor ce = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(acc));
+  if (N == 0) {
+    return {ce, lse};
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "masked_cross_entropy", [&] {
+    cross_entropy_rows<scalar_t>(logits, target, valid, weight, label_smoothing, z_loss,
+                                 grad_scale_in, grad, ce, lse);
+  });
+  return {ce, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskkern, CPU, m) {
+  m.impl("masked_cross_entropy_fwd", &masked_cross_entropy_fwd);
+}
+
+}  // namespace maskkern
