@@ -63,6 +63,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,7 +272,7 @@ class Budget:
 
 
 QUICK = Budget(warmup=2, min_reps=3, max_reps=10, budget_s=0.5, min_sample_s=0.005)
-FULL = Budget(warmup=3, min_reps=7, max_reps=40, budget_s=3.0, min_sample_s=0.02)
+FULL = Budget(warmup=3, min_reps=7, max_reps=40, budget_s=2.0, min_sample_s=0.02)
 
 
 def _sync(device: torch.device) -> None:
@@ -406,9 +407,8 @@ def _mode_fn(fn: Callable[..., Tensor], inputs: dict[str, Any], mode: str, leave
     return call
 
 
-def _outputs(fn: Callable[..., Tensor], inputs: dict[str, Any], leaves: list[Tensor], grad) -> list:
+def _outputs(out: Tensor, leaves: list[Tensor], grad: Tensor | None) -> list:
     """The output and, when ``grad`` is given, the gradients of the leaves, detached."""
-    out = fn(**inputs)
     if grad is None:
         return [out.detach()]
     return [out.detach(), *torch.autograd.grad(out, leaves, grad, allow_unused=True)]
@@ -427,6 +427,21 @@ def _max_error(actual: list, expected: list, tol: tuple[float, float] | None) ->
         err = max(err, float(diff.max()) if diff.numel() else 0.0, 0.0 if same_nan else math.inf)
         ok = ok and a.shape == e.shape and torch.allclose(a64, e64, rtol, atol, equal_nan=True)
     return ok, err
+
+
+def _prepare(case: Case) -> tuple[dict[str, Any], list[Tensor], Tensor | None, list | None]:
+    """Seeded inputs, the grad leaves, the fixed random output gradient (fwd+bwd) and the
+    reference's output and gradients (None without a reference)."""
+    torch.manual_seed(0)
+    inputs = case.inputs()
+    leaves = _leaves(inputs, case.grad_inputs)
+    with_grad = "fwd+bwd" in case.modes
+    for t in leaves:
+        t.requires_grad_(with_grad)
+    out = (case.reference or next(iter(case.providers.values())))(**inputs)
+    grad = torch.randn_like(out) if with_grad else None
+    expected = None if case.reference is None else _outputs(out, leaves, grad)
+    return inputs, leaves, grad, expected
 
 
 def _error_text(exc: BaseException) -> str:
@@ -484,28 +499,23 @@ class Context:
         return out
 
     def run_case(self, case: Case, on_mode: Callable[[str], None] = lambda mode: None) -> CaseResult:
-        """Check, then time and measure every provider in every mode of ``case``."""
+        """Check, then time and measure every provider in every mode of ``case``. A case whose
+        inputs or reference raise is reported under ``errors["case"]``; the run goes on."""
         result = CaseResult(case)
-        torch.manual_seed(0)
-        inputs = case.inputs()
-        leaves = _leaves(inputs, case.grad_inputs)
+        try:
+            inputs, leaves, grad, expected = _prepare(case)
+        except Exception as exc:
+            result.errors["case"] = _error_text(exc)
+            for mode in case.modes:
+                on_mode(mode)
+            return result
         providers = dict(case.providers)
-        with_grad = "fwd+bwd" in case.modes
-        for t in leaves:
-            t.requires_grad_(with_grad)
-        grad = None
-        if case.reference is not None:
-            ref = case.reference(**inputs)
-            grad = torch.randn_like(ref) if with_grad else None
-            expected = _outputs(case.reference, inputs, leaves, grad)
-        elif with_grad:
-            grad = torch.randn_like(next(iter(providers.values()))(**inputs))
         for name, fn in list(providers.items()):
             try:
-                if case.reference is None:
+                if expected is None:
                     fn(**inputs)
                 else:
-                    result.check[name] = _max_error(_outputs(fn, inputs, leaves, grad), expected, case.tol)
+                    result.check[name] = _max_error(_outputs(fn(**inputs), leaves, grad), expected, case.tol)
             except Exception as exc:
                 result.errors[name] = _error_text(exc)
                 del providers[name]
@@ -549,6 +559,8 @@ def _is_maskkern(provider: str) -> bool:
 
 
 def _check_cell(result: CaseResult) -> str:
+    if "case" in result.errors:
+        return "error"
     cells = []
     for name in result.case.providers:
         if not _is_maskkern(name):
@@ -748,23 +760,34 @@ def main(modules: list[ModuleType], argv: list[str] | None = None, suite: bool =
     ctx = Context(device, args.quick, args.backend, out_dir, plots=not args.no_plots)
     print(f"maskkern bench on {ctx.device_name}: {ctx.versions}", file=sys.stderr)
     print(f"copy_ bandwidth: {ctx.copy_gbps:.1f} GB/s; results -> {out_dir}", file=sys.stderr)
-    plan = [(m, m.cases(ctx)) for m in modules]
+    plan, failed = [], False
+    for module in modules:
+        try:
+            plan.append((module, module.cases(ctx)))
+        except Exception:
+            print(f"[bench] {module.KERNEL}: cases() failed:\n{traceback.format_exc()}", file=sys.stderr)
+            failed = True
     bar = tqdm(total=sum(len(c.modes) for _, cases in plan for c in cases), unit="step", dynamic_ncols=True)
     targets: list[Target] = []
-    failed = False
     for module, cases in plan:
         results = {}
         for case in cases:
 
-            def on_mode(mode: str, name: str = f"{module.KERNEL} {case.name}") -> None:
-                bar.set_description(f"{name} {mode}")
-                bar.update(1)
+            def on_mode(mode: str, case: Case = case, kernel: str = module.KERNEL) -> None:
+                if mode != case.modes[0]:
+                    bar.update(1)
+                bar.set_description(f"{kernel} {case.name} {mode}")
 
             results[case.name] = ctx.run_case(case, on_mode)
+            bar.update(1)
             gc.collect()
             if ctx.on_gpu:
                 torch.cuda.empty_cache()
-        kernel_targets = module.targets(ctx, results) if hasattr(module, "targets") else []
+        try:
+            kernel_targets = module.targets(ctx, results) if hasattr(module, "targets") else []
+        except Exception:
+            print(f"[bench] {module.KERNEL}: targets() failed:\n{traceback.format_exc()}", file=sys.stderr)
+            kernel_targets, failed = [], True
         targets += kernel_targets
         table = markdown_table(module.KERNEL, list(results.values()), ctx)
         if kernel_targets:
@@ -778,7 +801,7 @@ def main(modules: list[ModuleType], argv: list[str] | None = None, suite: bool =
         if ctx.plots:
             plot(module.KERNEL, list(results.values()), ctx)
         failed |= any(
-            _is_maskkern(p) and (p in r.errors or not r.check.get(p, (True, 0))[0])
+            "case" in r.errors or (_is_maskkern(p) and (p in r.errors or not r.check.get(p, (True, 0))[0]))
             for r in results.values()
             for p in r.case.providers
         )
