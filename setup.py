@@ -6,6 +6,8 @@ Environment:
   MASKKERN_AVX2=1|0   compile the CPU kernels for AVX2+FMA (default: when this CPU has them)
   DEBUG=1             -O0 -g
   MASKKERN_SANITIZE=1 -fsanitize=address,undefined (see `make sanitize`)
+  MASKKERN_SKIP_EXT=1 install the Python package only (scripts/env.sh then builds _C in place,
+                      incrementally, so a fresh setup compiles each source once)
 """
 
 import os
@@ -82,7 +84,7 @@ setup(
     description="Fused mask kernels for PyTorch: masked softmax, pad-aware embedding, masked cross-entropy",
     packages=["maskkern", "maskkern.ops", "maskkern.triton_kernels"],
     package_dir={"maskkern.triton_kernels": "triton_kernels"},
-    ext_modules=[_extension()],
+    ext_modules=[] if _env_flag("MASKKERN_SKIP_EXT") else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],

@@ -23,7 +23,7 @@ export PATH="$(dirname "$PY"):$PATH"  # ruff, clang-format from the same environ
 
 if ! "$PY" -c "import maskkern" >/dev/null 2>&1 || [ "${MASKKERN_REINSTALL:-0}" = 1 ]; then
   echo "[env] installing maskkern (editable) into $PY" >&2
-  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2)
+  (cd "$ROOT" && MASKKERN_SKIP_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2)
 fi
 # The editable install points at the checkout; rebuilding in place picks up csrc/ changes.
 # flock: several builds at once (parallel shells) would race on build/ and the .so.

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The CPU-backend tests against a build of maskkern._C instrumented with AddressSanitizer and
+# UndefinedBehaviorSanitizer. The instrumented .so goes into a copy of the package under
+# build/asan/ (the in-place build stays untouched) that PYTHONPATH puts first.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+source scripts/env.sh
+
+OUT="$ROOT/build/asan"
+rm -rf "$OUT/pkg"
+mkdir -p "$OUT/pkg"
+MASKKERN_SANITIZE=1 MASKKERN_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
+  "$PY" setup.py -q build_ext --build-temp "$OUT/temp" --build-lib "$OUT/lib" >&2
+cp -r maskkern "$OUT/pkg/maskkern"
+rm -f "$OUT/pkg/maskkern/"_C*.so
+cp -r triton_kernels "$OUT/pkg/maskkern/triton_kernels"
+cp "$OUT"/lib/maskkern/_C*.so "$OUT/pkg/maskkern/"
+
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export PYTHONPATH="$OUT/pkg"
+# Only the native CPU kernels are instrumented: run the tests that exercise them.
+"$PY" -c "import maskkern, sys; assert maskkern.__file__.startswith('$OUT/pkg'), maskkern.__file__"
+"$PY" -m pytest tests -q -p no:cacheprovider -k "cpu-cpu or native" ${PYTEST_ARGS:-}
