@@ -25,4 +25,17 @@ TORCH_LIBRARY(maskkern, m) {
   m.def(
       "masked_softmax_bwd(Tensor grad, Tensor out, Tensor? lengths, Tensor? query_lengths, "
       "int causal, float scale) -> Tensor");
+  // pad_embedding: ids (N,) int32/int64; weight (V, D) with unit column stride (rows read through
+  // stride(0)); pad -1 = none, else in [0, V); zero_pad: pad positions give zeros without reading
+  // the weight. Ids outside [0, V) give zero rows (the caller checks them unless told not to).
+  // Returns out (N, D) = weight[ids] * scale, contiguous.
+  m.def(
+      "pad_embedding_fwd(Tensor ids, Tensor weight, int pad, bool zero_pad, float scale) "
+      "-> Tensor");
+  // Dense grad_weight (V, D) in grad's dtype: per row the sum of its tokens' rows of grad (N, D),
+  // pad and out-of-range ids skipped, accumulated in fp32 (fp64) in token order (deterministic),
+  // times scale (and 1 / count with scale_grad_by_freq).
+  m.def(
+      "pad_embedding_bwd(Tensor grad, Tensor ids, SymInt num_weights, int pad, "
+      "bool scale_grad_by_freq, float scale) -> Tensor");
 }

@@ -10,8 +10,17 @@ _backend._load_extension()  # loads maskkern._C (its TORCH_LIBRARY) before the o
 
 from . import masks, nn, reference  # noqa: E402
 from ._backend import BackendStatus, backends  # noqa: E402
-from .ops import attention, masked_softmax  # noqa: E402
+from .ops import attention, masked_softmax, pad_embedding  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "attention", "backends", "masked_softmax", "masks", "nn", "reference"]
+__all__ = [
+    "BackendStatus",
+    "attention",
+    "backends",
+    "masked_softmax",
+    "masks",
+    "nn",
+    "pad_embedding",
+    "reference",
+]

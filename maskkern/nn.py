@@ -1,5 +1,6 @@
 """Drop-in modules: each is constructed like the torch module it replaces."""
 
 from .ops.masked_softmax import MaskedSoftmax
+from .ops.pad_embedding import PadEmbedding
 
-__all__ = ["MaskedSoftmax"]
+__all__ = ["MaskedSoftmax", "PadEmbedding"]

@@ -82,3 +82,43 @@ def masked_softmax_backward(grad: Tensor, out: Tensor, scale: float) -> Tensor:
     g = grad.to(y.dtype)
     yg = y * g
     return (scale * (yg - y * yg.sum(-1, keepdim=True))).to(out.dtype)
+
+
+def pad_embedding(
+    input: Tensor,
+    weight: Tensor,
+    padding_idx: int | None = None,
+    *,
+    zero_pad: bool = False,
+    scale: float | None = None,
+    scale_grad_by_freq: bool = False,
+) -> Tensor:
+    """``F.embedding(input, weight, padding_idx, scale_grad_by_freq=...)``, times ``scale``; with
+    ``zero_pad`` the pad positions are exact zeros (``masked_fill``, so a NaN pad row gives 0 too).
+
+    The eager expression that ``pad_embedding`` replaces; its autograd gradient is the reference.
+    """
+    out = torch.nn.functional.embedding(input, weight, padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+    if scale is not None:
+        out = out * scale
+    if zero_pad and padding_idx is not None:
+        pad = padding_idx % weight.shape[0]
+        out = out.masked_fill((input == pad)[..., None], 0)
+    return out
+
+
+def pad_embedding_backward(
+    grad: Tensor,
+    input: Tensor,
+    num_weights: int,
+    padding_idx: int,
+    scale: float,
+    scale_grad_by_freq: bool,
+) -> Tensor:
+    """The dense grad_weight (num_weights, D) of ``pad_embedding``, as the kernels define it: for each
+    row the sum of its tokens' grad rows in the compute dtype (pad tokens, ``padding_idx`` >= 0,
+    skipped), times ``scale`` (and 1/count with ``scale_grad_by_freq``), rounded once."""
+    g = grad.reshape(-1, grad.shape[-1]).to(_compute_dtype(grad.dtype))
+    ids = input.reshape(-1)
+    gw = torch.ops.aten.embedding_dense_backward(g, ids, num_weights, padding_idx, scale_grad_by_freq)
+    return (gw * scale).to(grad.dtype)
