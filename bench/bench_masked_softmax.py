@@ -89,7 +89,7 @@ def _peers(ctx: Context, causal: bool, dtype: torch.dtype, L: int) -> dict:
         def apex(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
             keep = keep_mask(lengths, causal, L, scores.device)
             keep = keep if mask is None else mask if keep is None else keep & mask
-            dense = ~keep.expand(scores.shape[0], 1, L, L)  # Apex wants a full [b, 1, sq, sk] mask
+            dense = ~keep.expand(scores.shape[0], 1, L, L).contiguous()  # Apex: a full [b, 1, sq, sk] mask
             return ScaledMaskedSoftmax.apply(scores, dense, SCALE)
 
         peers["apex"] = apex
@@ -114,21 +114,24 @@ def kept(lengths: list[int], causal: bool, L: int) -> int:
     return sum(sum(min(n, i + 1) if causal else n for i in range(L)) for n in lengths)
 
 
+def name(shape: tuple[int, ...], dtype: torch.dtype, label: str) -> str:
+    """A case's name (the table's row label, and how targets() finds it)."""
+    return f"{shape} {str(dtype).removeprefix('torch.')} {label}"
+
+
 def case(
     ctx: Context,
-    name: str,
-    x_name: str,
-    x,
     shape: tuple[int, int, int, int],
     dtype: torch.dtype,
+    label: str,
+    sweep: tuple[str, str, object],
     *,
     lengths: str | float | None,
     causal: bool,
     bool_mask: bool = False,
-    plot: str | None = None,
 ) -> Case:
-    """lengths: "uniform" (in [L/4, L]), a padding fraction p (lengths = L * (1 - p)) or None;
-    bool_mask: pass the key padding as a (B, 1, 1, L) bool mask instead of lengths."""
+    """sweep = (plot, x_name, x). lengths: "uniform" (in [L/4, L]), a padding fraction p (lengths =
+    L * (1 - p)) or None; bool_mask: the key padding as a (B, 1, 1, L) bool mask instead of lengths."""
     B, H, Lq, L = shape
     gen = torch.Generator().manual_seed(0)
     if lengths == "uniform":
@@ -151,8 +154,9 @@ def case(
     k = H * kept(lens, causal, L)
     side = 0 if lengths is None else B * L if bool_mask else 8 * B
     fwd = k * es + n * es + side
+    plot, x_name, x = sweep
     return Case(
-        name=name,
+        name=name(shape, dtype, label),
         x_name=x_name,
         x=x,
         config=dict(
@@ -176,11 +180,32 @@ def _dtypes(ctx: Context) -> list[torch.dtype]:
     return [torch.float16, torch.bfloat16] if ctx.on_gpu else [torch.float32]
 
 
+def _seq_lengths(ctx: Context) -> list[int]:
+    if ctx.quick:
+        return [512]
+    return [512, 1024, 2048, 4096, 8192, 16384] if ctx.on_gpu else [128, 256, 512, 1024, 2048]
+
+
 def _seq_shape(ctx: Context, L: int) -> tuple[int, int, int, int]:
-    """About the same number of elements at every L (2^23 on CPU, 2^28 on GPU): B up to 4, then H."""
+    """About the same number of elements at every L (2^23 on CPU, 2^28 on GPU): B up to 4, then H.
+    On CPU, L = 512 gives the headline shape (4, 8, 512, 512)."""
     elems = 1 << (28 if ctx.on_gpu else 23)
     B = min(4, max(1, elems // (L * L)))
     return (B, max(1, elems // (B * L * L)), L, L)
+
+
+def _pad_shape(ctx: Context) -> tuple[int, int, int, int]:
+    return (4, 16, 2048, 2048) if ctx.on_gpu else HEADLINE
+
+
+SEQ_LABEL = "lengths~U[L/4,L] causal"
+VARIANTS = {  # the kinds of masking at the headline shape
+    "no mask": dict(lengths=None, causal=False),
+    "lengths": dict(lengths="uniform", causal=False),
+    "bool mask": dict(lengths="uniform", causal=False, bool_mask=True),
+    "causal": dict(lengths=None, causal=True),
+    "bool mask+causal": dict(lengths="uniform", causal=True, bool_mask=True),
+}
 
 
 def cases(ctx: Context) -> list[Case]:
@@ -188,113 +213,55 @@ def cases(ctx: Context) -> list[Case]:
     out = []
     for dtype in _dtypes(ctx):
         d = str(dtype).removeprefix("torch.")
-        if ctx.quick:
-            seq = [512]
-        else:
-            seq = [512, 1024, 2048, 4096, 8192, 16384] if ctx.on_gpu else [128, 256, 512, 1024, 2048]
-        for L in seq:
-            shape = _seq_shape(ctx, L)  # on CPU, L = 512 is the headline shape
-            out.append(
-                case(
-                    ctx,
-                    f"{shape} {d} lengths~U[L/4,L] causal",
-                    "L",
-                    L,
-                    shape,
-                    dtype,
-                    lengths="uniform",
-                    causal=True,
-                    plot=f"seqlen {d}",
-                )
-            )
-        pad_shape = (4, 16, 2048, 2048) if ctx.on_gpu else HEADLINE
+        for L in _seq_lengths(ctx):
+            sweep = (f"seqlen {d}", "L", L)
+            out.append(case(ctx, _seq_shape(ctx, L), dtype, SEQ_LABEL, sweep, lengths="uniform", causal=True))
         for p in [0.0, 0.5] if ctx.quick else [0.0, 0.25, 0.5, 0.75]:
-            out.append(
-                case(
-                    ctx,
-                    f"{pad_shape} {d} pad={p:.0%}",
-                    "padding",
-                    p,
-                    pad_shape,
-                    dtype,
-                    lengths=p,
-                    causal=False,
-                    plot=f"padding {d}",
-                )
-            )
-        if ctx.quick:
-            continue
-        variants = [
-            ("no mask", dict(lengths=None, causal=False)),
-            ("lengths", dict(lengths="uniform", causal=False)),
-            ("bool mask", dict(lengths="uniform", causal=False, bool_mask=True)),
-            ("causal", dict(lengths=None, causal=True)),
-            ("bool mask+causal", dict(lengths="uniform", causal=True, bool_mask=True)),
-        ]
-        for label, kw in variants:
-            out.append(
-                case(
-                    ctx,
-                    f"{HEADLINE} {d} {label}",
-                    "masking",
-                    label,
-                    HEADLINE,
-                    dtype,
-                    plot=f"masking {d}",
-                    **kw,
-                )
-            )
+            sweep = (f"padding {d}", "padding", p)
+            out.append(case(ctx, _pad_shape(ctx), dtype, f"pad={p:.0%}", sweep, lengths=p, causal=False))
+        if not ctx.quick:
+            for label, kw in VARIANTS.items():
+                out.append(case(ctx, HEADLINE, dtype, label, (f"masking {d}", "masking", label), **kw))
     return out
 
 
 def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
-    """CPU: the headline ratios and "padding pays"; GPU: % of copy bandwidth and × compile."""
+    """CPU: the headline ratios; GPU: % of the copy bandwidth and × compile over the L sweep; both:
+    padding pays (fwd+bwd time at 50% padding / at 0%)."""
     out = []
     for dtype in _dtypes(ctx):
         d = str(dtype).removeprefix("torch.")
-        pad = {
-            p: results.get(f"{(4, 16, 2048, 2048) if ctx.on_gpu else HEADLINE} {d} pad={p:.0%}")
-            for p in (0, 0.5)
-        }
-        if not ctx.on_gpu:
-            head = results.get(f"{HEADLINE} {d} lengths~U[L/4,L] causal")
-            label = f"masked_softmax fwd+bwd {HEADLINE} {d}, lengths~U[L/4,L], causal"
-            out += [
-                Target(f"{label}: × eager", head and head.ratio("eager", "fwd+bwd"), 20),
-                Target(f"{label}: × compile", head and head.ratio("compile", "fwd+bwd"), 2),
+        if ctx.on_gpu:
+            seq = [
+                r for L in _seq_lengths(ctx) if (r := results.get(name(_seq_shape(ctx, L), dtype, SEQ_LABEL)))
             ]
-        else:
-            seq = [r for r in results.values() if r.case.plot == f"seqlen {d}"]
-            pct = [
-                r.times[("maskkern", "fwd")].gbps / ctx.copy_gbps * 100
-                for r in seq
-                if ("maskkern", "fwd") in r.times
-            ]
-            x_compile = [r.ratio("compile", "fwd+bwd") for r in seq]
+            fwd = [r.times.get(("maskkern", "fwd")) for r in seq]
+            pct = [100 * m.gbps / ctx.copy_gbps for m in fwd if m is not None]
+            x_compile = [x for r in seq if (x := r.ratio("compile", "fwd+bwd")) is not None]
+            ls = _seq_lengths(ctx)
+            span = "L " + "..".join(str(L) for L in dict.fromkeys((ls[0], ls[-1])))
             out += [
                 Target(
-                    f"masked_softmax fwd {d}, L 512..16384: min % of copy bandwidth",
+                    f"masked_softmax fwd {d}, {span}: min % of copy bandwidth",
                     min(pct, default=None),
                     85,
                     unit="%",
                 ),
                 Target(
-                    f"masked_softmax fwd+bwd {d}, L 512..16384: min × compile",
-                    min((x for x in x_compile if x), default=None),
-                    1.5,
+                    f"masked_softmax fwd+bwd {d}, {span}: min × compile", min(x_compile, default=None), 1.5
                 ),
             ]
-        t0 = pad[0] and pad[0].p50("maskkern", "fwd+bwd")
-        t50 = pad[0.5] and pad[0.5].p50("maskkern", "fwd+bwd")
-        out.append(
-            Target(
-                f"masked_softmax padding pays {d}: fwd+bwd time at 50% / 0% padding (floor 0.7)",
-                ratio(t50, t0),
-                0.75,
-                "<=",
-                "",
-            )
-        )
+        else:
+            head = results.get(name(HEADLINE, dtype, SEQ_LABEL))
+            label = f"masked_softmax fwd+bwd {name(HEADLINE, dtype, SEQ_LABEL)}"
+            out += [
+                Target(f"{label}: × eager", head and head.ratio("eager", "fwd+bwd"), 20),
+                Target(f"{label}: × compile", head and head.ratio("compile", "fwd+bwd"), 2),
+            ]
+        t = [results.get(name(_pad_shape(ctx), dtype, f"pad={p:.0%}")) for p in (0.5, 0.0)]
+        t50, t0 = (r and r.p50("maskkern", "fwd+bwd") for r in t)
+        label = f"masked_softmax padding pays {d}: fwd+bwd time at 50% / 0% padding (bandwidth floor 0.7)"
+        out.append(Target(label, ratio(t50, t0), 0.75, "<=", ""))
     return out
 
 
