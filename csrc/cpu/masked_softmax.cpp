@@ -1,0 +1,419 @@
+// masked_softmax on CPU: one row = the keys of one (b, h, query) triple of scores (B, H, Lq, Lk).
+//
+// Each row first gets its key extent n from lengths, query_lengths and causal: keys j >= n are
+// masked whatever the mask says, so the kernels never read them and write zeros there. Within
+// [0, n) the forward makes three passes over a per-thread fp32 (fp64) buffer that stays in L1:
+// z = scores * scale (+ additive, or -inf where the bool mask drops a key) and its max, then
+// e = exp(z - max) and its sum, then y = e / sum stored in scores' dtype. The backward reads Y and
+// dY only on [0, n) too: Y is zero beyond it.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace maskkern {
+namespace {
+
+using at::vec::Vectorized;
+
+// --- vectors of the compute type (fp32, fp64 for fp64) read from and written to rows ---------
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+template <typename scalar_t>
+constexpr int64_t kLanes = Vectorized<acc_type<scalar_t>>::size();
+
+// Elements [0, count) of p, count <= kLanes; the lanes beyond count are 0.
+template <typename scalar_t>
+Vectorized<acc_type<scalar_t>> load(const scalar_t* p, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return Vectorized<scalar_t>::loadu(p, count);
+  } else {
+    if (count == kLanes<scalar_t>) {
+      Vectorized<float> v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count)));
+  }
+}
+
+template <typename scalar_t>
+void store(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    v.store(p, count);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+  }
+}
+
+// exp_u20 is ATen's AVX2 polynomial: no Sleef call, and within about 20 ulp (1e-6 relative, the
+// fp32 tolerance is 1e-5). It maps NaN to a finite number, so callers keep NaN away from it. fp64
+// keeps the accurate exp.
+inline Vectorized<float> fast_exp(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> fast_exp(const Vectorized<double>& x) { return x.exp(); }
+
+// The sum over a row of term(j, count), the vector of keys [j, j + count): fp32 vector sums over
+// blocks of keys, added up in fp64. One running fp32 sum drifts on long rows (by ~1e-5 relative
+// at 70000 keys, the fp32 tolerance), and with it every output of the row.
+template <typename acc_t, typename Term>
+acc_t row_sum(int64_t n, const Term& term) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t lanes = Vec::size(), block = 64 * lanes;
+  double total = 0;
+  for (int64_t first = 0; first < n; first += block) {
+    const int64_t end = std::min(n, first + block);
+    Vec partial(0);
+    for (int64_t j = first; j < end; j += lanes) {
+      partial = partial + term(j, std::min(lanes, end - j));
+    }
+    total +=
+        at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, partial);
+  }
+  return static_cast<acc_t>(total);
+}
+
+// A row of the mask: elements at ptr[j * stride]. mask_t = bool (true = keep) or scores' dtype
+// (additive); NoMask when there is none.
+struct NoMask {};
+
+template <typename mask_t>
+struct MaskRow {
+  const mask_t* ptr;
+  int64_t stride;
+
+  // Keys [j, j + count) as a vector: all-ones lanes where a bool mask keeps, else the additive
+  // values; lanes beyond count are 0 (dropped / nothing added).
+  template <typename acc_t>
+  Vectorized<acc_t> load_at(int64_t j, int64_t count) const {
+    constexpr int64_t lanes = Vectorized<acc_t>::size();
+    const mask_t* src = ptr + j * stride;
+    mask_t gathered[lanes] = {};
+    if (stride != 1 || count < lanes) {
+      for (const auto k : c10::irange(count)) {
+        gathered[k] = src[k * stride];
+      }
+      src = gathered;
+    }
+    if constexpr (std::is_same_v<mask_t, bool>) {
+      return at::vec::VecMask<acc_t, 1>::from(src);
+    } else {
+      return load(src, lanes);
+    }
+  }
+};
+
+// --- rows: their coordinates and their key extents ---------------------------------------------
+
+// Validates the kernel-level invariants of scores (or out) and the lengths, and keeps the
+// contiguous lengths alive while the kernel runs.
+class RowGeometry {
+ public:
+  RowGeometry(const at::Tensor& scores, const c10::optional<at::Tensor>& lengths,
+              const c10::optional<at::Tensor>& query_lengths, int64_t causal)
+      : lengths_(checked_lengths(lengths, scores, "lengths")),
+        query_lengths_(checked_lengths(query_lengths, scores, "query_lengths")),
+        lengths_ptr_(lengths_.defined() ? lengths_.const_data_ptr<int64_t>() : nullptr),
+        query_lengths_ptr_(query_lengths_.defined() ? query_lengths_.const_data_ptr<int64_t>()
+                                                    : nullptr),
+        causal_(causal),
+        H_(scores.size(1)),
+        Lq_(scores.size(2)),
+        Lk_(scores.size(3)) {
+    TORCH_CHECK(causal >= 0 && causal <= 2, "causal must be 0, 1 or 2, got ", causal);
+  }
+
+  int64_t row_len() const { return Lk_; }
+  int64_t batch(int64_t row) const { return row / (H_ * Lq_); }
+  int64_t head(int64_t row) const { return row / Lq_ % H_; }
+  int64_t query(int64_t row) const { return row % Lq_; }
+
+  // Keys [0, n) of the row may be visible; everything from n on is masked.
+  int64_t key_extent(int64_t row) const {
+    const int64_t b = batch(row), i = query(row);
+    if (query_lengths_ptr_ != nullptr && i >= query_lengths_ptr_[b]) {
+      return 0;
+    }
+    int64_t n = Lk_;
+    if (lengths_ptr_ != nullptr) {
+      n = std::min(n, lengths_ptr_[b]);
+    }
+    if (causal_ == 1) {
+      n = std::min(n, i + 1);
+    } else if (causal_ == 2) {
+      n = std::min(n, i + Lk_ - Lq_ + 1);
+    }
+    return std::max<int64_t>(n, 0);
+  }
+
+ private:
+  static at::Tensor checked_lengths(const c10::optional<at::Tensor>& lengths,
+                                    const at::Tensor& scores, const char* name) {
+    if (!lengths.has_value()) {
+      return at::Tensor();
+    }
+    TORCH_CHECK(lengths->device().is_cpu(), name, " must be a CPU tensor");
+    TORCH_CHECK(lengths->scalar_type() == at::kLong, name, " must be int64, got ",
+                lengths->scalar_type());
+    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == scores.size(0), name,
+                " must have shape (", scores.size(0), ",), got ", lengths->sizes());
+    return lengths->contiguous();
+  }
+
+  at::Tensor lengths_, query_lengths_;  // undefined when not given
+  const int64_t* lengths_ptr_;          // nullptr when not given
+  const int64_t* query_lengths_ptr_;
+  int64_t causal_;  // 0 none, 1 top-left, 2 bottom-right
+  int64_t H_, Lq_, Lk_;
+};
+
+// Rows cost in proportion to their key extent (lengths, causal), and at::parallel_for gives each
+// thread one contiguous range of its indices: so the indices are tasks (one per thread), and each
+// task takes every tasks-th block of rows. f(task, first_row, end_row).
+template <typename F>
+void parallel_rows(int64_t rows, int64_t row_len, int64_t tasks, const F& f) {
+  constexpr int64_t kBlockElems = 4096;
+  const int64_t block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(row_len, 1));
+  const int64_t blocks = (rows + block - 1) / block;
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t end) {
+    for (const auto task : c10::irange(first, end)) {
+      for (int64_t blk = task; blk < blocks; blk += tasks) {
+        f(task, blk * block, std::min(rows, (blk + 1) * block));
+      }
+    }
+  });
+}
+
+// Below this many elements a second thread costs more than it saves.
+int64_t num_tasks(int64_t rows, int64_t row_len) {
+  constexpr int64_t kSerialElems = 32768;
+  return rows * row_len < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), rows);
+}
+
+// A new output tensor, of the same shape and options as like. The kernels are the first to touch
+// it; a large one comes straight from mmap, and faulting it in 4 KiB pages costs more than the
+// softmax itself (about 2/3 of fwd+bwd at (4, 8, 512, 512) fp32). Ask for transparent huge pages
+// for its aligned 2 MiB blocks, as PyTorch's own allocator does under THP_MEM_ALLOC_ENABLE=1.
+at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (begin + out.nbytes()) & ~(kHugePage - 1);
+  if (end > first) {
+    // Only advice: where THP is off or the range is not a private mapping, nothing changes.
+    madvise(reinterpret_cast<void*>(first), end - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+void fill_zero(void* p, int64_t count, size_t elem_size) {
+  if (count > 0) {
+    std::memset(p, 0, static_cast<size_t>(count) * elem_size);  // all-zero bits = +0.0
+  }
+}
+
+void check_scores(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 4, name, " must be (B, H, Lq, Lk), got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+      name, " must be float16/bfloat16/float32/float64, got ", dtype);
+}
+
+// --- forward -----------------------------------------------------------------------------------
+
+// One row: x[0, Lk) -> y[0, Lk), reading x and the mask on [0, n) only; z holds n rounded up to
+// whole vectors.
+template <typename scalar_t, typename mask_t>
+void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int64_t Lk,
+                 acc_type<scalar_t> scale, acc_type<scalar_t>* z, scalar_t* y) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t lanes = Vec::size();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const Vec neg_inf(kNegInf);
+
+  Vec vmax = neg_inf;
+  for (int64_t j = 0; j < n; j += lanes) {
+    const int64_t count = std::min(lanes, n - j);
+    Vec v = load(x + j, count) * Vec(scale);
+    if constexpr (std::is_same_v<mask_t, bool>) {
+      v = Vec::blendv(neg_inf, v, mask.template load_at<acc_t>(j, count));
+    } else if constexpr (!std::is_same_v<mask_t, NoMask>) {
+      v = v + mask.template load_at<acc_t>(j, count);
+    }
+    v = Vec::set(neg_inf, v, count);   // the lanes past the row take no part
+    vmax = at::vec::maximum(vmax, v);  // propagates NaN
+    v.store(z + j);
+  }
+  const acc_t max = at::vec::vec_reduce_all<acc_t>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+
+  if (max == kNegInf) {  // nothing left in the row
+    fill_zero(y, Lk, sizeof(scalar_t));
+    return;
+  }
+  if (std::isnan(max) || max == -kNegInf) {
+    // As in eager: a kept NaN, or +inf (inf - inf), makes every output of the row NaN.
+    std::fill_n(y, Lk, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+    return;
+  }
+
+  const acc_t sum = row_sum<acc_t>(n, [&](int64_t j, int64_t) {
+    const Vec e = fast_exp(Vec::loadu(z + j) - Vec(max));
+    e.store(z + j);
+    return e;
+  });
+
+  const Vec inv(acc_t(1) / sum);
+  for (int64_t j = 0; j < n; j += lanes) {
+    store(y + j, Vec::loadu(z + j) * inv, std::min(lanes, n - j));
+  }
+  fill_zero(y + n, Lk - n, sizeof(scalar_t));
+}
+
+template <typename scalar_t, typename mask_t>
+void softmax_rows(const at::Tensor& scores, const mask_t* mask_data, at::IntArrayRef mask_strides,
+                  const RowGeometry& geo, double scale, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Lk = geo.row_len(), rows = scores.numel() / Lk;
+  const int64_t tasks = num_tasks(rows, Lk);
+  const int64_t padded = (Lk + kLanes<scalar_t> - 1) / kLanes<scalar_t> * kLanes<scalar_t>;
+  std::vector<acc_t> scratch(static_cast<size_t>(tasks * padded));
+  const scalar_t* x = scores.const_data_ptr<scalar_t>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
+
+  parallel_rows(rows, Lk, tasks, [&](int64_t task, int64_t first, int64_t end) {
+    for (const auto row : c10::irange(first, end)) {
+      MaskRow<mask_t> mask{mask_data, 0};
+      if constexpr (!std::is_same_v<mask_t, NoMask>) {
+        mask.ptr += geo.batch(row) * mask_strides[0] + geo.head(row) * mask_strides[1] +
+                    geo.query(row) * mask_strides[2];
+        mask.stride = mask_strides[3];
+      }
+      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, geo.key_extent(row), Lk,
+                                    static_cast<acc_t>(scale), scratch.data() + task * padded,
+                                    y + row * Lk);
+    }
+  });
+}
+
+// The mask's kind picks the inner loop: none, bool (keep) or additive in scores' dtype.
+template <typename scalar_t>
+void softmax_rows_with_mask(const at::Tensor& scores, const c10::optional<at::Tensor>& mask,
+                            const RowGeometry& geo, double scale, at::Tensor& out) {
+  if (!mask.has_value()) {
+    softmax_rows<scalar_t, NoMask>(scores, nullptr, {}, geo, scale, out);
+  } else if (mask->scalar_type() == at::kBool) {
+    softmax_rows<scalar_t, bool>(scores, mask->const_data_ptr<bool>(), mask->strides(), geo, scale,
+                                 out);
+  } else {
+    softmax_rows<scalar_t, scalar_t>(scores, mask->const_data_ptr<scalar_t>(), mask->strides(), geo,
+                                     scale, out);
+  }
+}
+
+at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<at::Tensor>& mask,
+                              const c10::optional<at::Tensor>& lengths,
+                              const c10::optional<at::Tensor>& query_lengths, int64_t causal,
+                              double scale) {
+  check_scores(scores_in, "scores");
+  const RowGeometry geo(scores_in, lengths, query_lengths, causal);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device().is_cpu(), "mask must be a CPU tensor");
+    TORCH_CHECK(mask->sizes() == scores_in.sizes(), "mask must be a (B, H, Lq, Lk) view of shape ",
+                scores_in.sizes(), ", got ", mask->sizes());
+    TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == scores_in.scalar_type(),
+                "mask must be bool or ", scores_in.scalar_type(), ", got ", mask->scalar_type());
+  }
+  const at::Tensor scores = scores_in.contiguous();
+  at::Tensor out = new_output(scores);
+  if (scores.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, scores.scalar_type(), "masked_softmax",
+      [&] { softmax_rows_with_mask<scalar_t>(scores, mask, geo, scale, out); });
+  return out;
+}
+
+// --- backward ----------------------------------------------------------------------------------
+
+// dx = scale * y * (g - sum(y * g)) on [0, n); zeros beyond, where y is 0.
+template <typename scalar_t>
+void softmax_backward_row(const scalar_t* g, const scalar_t* y, int64_t n, int64_t Lk,
+                          acc_type<scalar_t> scale, scalar_t* dx) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t lanes = Vec::size();
+  const Vec dot(row_sum<acc_t>(n, [&](int64_t j, int64_t count) {
+    return load(y + j, count) * load(g + j, count);  // lanes past the row are 0
+  }));
+  for (int64_t j = 0; j < n; j += lanes) {
+    const int64_t count = std::min(lanes, n - j);
+    store(dx + j, Vec(scale) * load(y + j, count) * (load(g + j, count) - dot), count);
+  }
+  fill_zero(dx + n, Lk - n, sizeof(scalar_t));
+}
+
+at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_in,
+                              const c10::optional<at::Tensor>& lengths,
+                              const c10::optional<at::Tensor>& query_lengths, int64_t causal,
+                              double scale) {
+  check_scores(out_in, "out");
+  TORCH_CHECK(grad_in.sizes() == out_in.sizes(), "grad must have out's shape ", out_in.sizes(),
+              ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == out_in.scalar_type() && grad_in.device() == out_in.device(),
+              "grad must have out's dtype and device");
+  const RowGeometry geo(out_in, lengths, query_lengths, causal);
+  const at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous();
+  at::Tensor dx = new_output(out);
+  if (out.numel() == 0) {
+    return dx;
+  }
+  const int64_t Lk = geo.row_len(), rows = out.numel() / Lk;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out.scalar_type(), "masked_softmax_backward", [&] {
+        const scalar_t* g = grad.const_data_ptr<scalar_t>();
+        const scalar_t* y = out.const_data_ptr<scalar_t>();
+        scalar_t* d = dx.mutable_data_ptr<scalar_t>();
+        const auto s = static_cast<acc_type<scalar_t>>(scale);
+        parallel_rows(rows, Lk, num_tasks(rows, Lk), [&](int64_t, int64_t first, int64_t end) {
+          for (const auto row : c10::irange(first, end)) {
+            softmax_backward_row(g + row * Lk, y + row * Lk, geo.key_extent(row), Lk, s,
+                                 d + row * Lk);
+          }
+        });
+      });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskkern, CPU, m) {
+  m.impl("masked_softmax_fwd", &masked_softmax_fwd);
+  m.impl("masked_softmax_bwd", &masked_softmax_bwd);
+}
+
+}  // namespace maskkern
