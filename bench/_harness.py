@@ -145,6 +145,11 @@ class Case:
     tol: tuple[float, float] | None = None
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, None when either is missing (for targets built from two cases)."""
+    return None if a is None or b is None else a / b
+
+
 @dataclass
 class Measurement:
     """Per-call time quantiles in ms, peak memory in bytes (None if not measured), GB/s."""
@@ -173,8 +178,7 @@ class CaseResult:
 
     def ratio(self, peer: str, mode: str, provider: str = "maskkern") -> float | None:
         """time(peer) / time(provider): > 1 means ``provider`` is faster."""
-        a, b = self.p50(peer, mode), self.p50(provider, mode)
-        return None if a is None or b is None else a / b
+        return ratio(self.p50(peer, mode), self.p50(provider, mode))
 
 
 @dataclass
@@ -198,11 +202,6 @@ def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``torch.compile`` of the eager function, static shapes (its best case; compiled on first use,
     which the warm-up absorbs)."""
     return torch.compile(fn, dynamic=False)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, None when either is missing (for targets built from two cases)."""
-    return None if a is None or b is None else a / b
 
 
 # --- the machine --------------------------------------------------------------------------------
@@ -234,6 +233,22 @@ def device_slug(device: torch.device) -> str:
     if device.type == "cuda":
         return _slug(torch.cuda.get_device_name(device))
     return f"cpu-{_slug(_cpu_name())}-{torch.get_num_threads()}t"
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def load_note(load: float | None) -> str:
+    """The 1-minute load average, with a warning when other work competes for the cores."""
+    if load is None:
+        return ""
+    busy = load > (os.cpu_count() or 1) * 0.5
+    warning = " — **the machine was busy: other processes competed for the cores; times are unreliable**"
+    return f"load average {load:.1f} on {os.cpu_count()} cores at the start{warning if busy else ''}"
 
 
 def versions() -> str:
@@ -281,8 +296,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _quantiles(samples: list[float]) -> tuple[float, float, float]:
-    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8]).double())
-    return tuple(float(v) for v in q)
+    """(p50, p20, p80) of the samples."""
+    q = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    return tuple(float(v) for v in torch.tensor(samples, dtype=torch.float64).quantile(q))
 
 
 def time_interleaved(
@@ -302,9 +318,10 @@ def time_interleaved(
     on_gpu = device.type == "cuda"
     inner = {n: 1 if on_gpu else max(1, math.ceil(budget.min_sample_s / t)) for n, t in est.items()}
     round_s = sum(inner[n] * est[n] for n in fns)
-    reps = int(min(budget.max_reps, max(budget.min_reps, budget.budget_s / round_s)))
+    # A GPU sample is one call, often microseconds: take more of them, as do_bench does.
+    lo, hi = (10, 5 * budget.max_reps) if on_gpu else (budget.min_reps, budget.max_reps)
+    reps = int(min(hi, max(lo, budget.budget_s / round_s)))
     if on_gpu:
-        reps = max(reps, 10)
         flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(reps):
@@ -461,6 +478,7 @@ class Context:
         self.versions = versions()
         self.timestamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         self._copy_gbps: float | None = None
+        self.load_at_start = _load_average()
 
     @property
     def on_gpu(self) -> bool:
@@ -603,18 +621,18 @@ def markdown_table(kernel: str, results: list[CaseResult], ctx: Context) -> str:
                 gbps = None if m is None else m.gbps
                 row += [_fmt(gbps), _fmt(None if gbps is None else 100 * gbps / ctx.copy_gbps, 2)]
             mem = [r.times.get((p, mode)) for p in providers]
-            row.append(" / ".join(_fmt(None if m is None else m.peak_bytes / 2**20) for m in mem))
+            row.append(" / ".join(_fmt(m and m.peak_bytes and m.peak_bytes / 2**20) for m in mem))
             lines.append("| " + " | ".join(row) + " |")
         notes += [f"- {r.case.name}: {p}: {e}" for p, e in r.errors.items()]
+    run = f"{ctx.device_name}; {ctx.versions}; {ctx.timestamp}; {load_note(ctx.load_at_start)}."
     method = (
-        f"{ctx.device_name}; {ctx.versions}; {ctx.timestamp}. ms = median per call over interleaved runs "
-        f"(p20/p80 in the CSV); `× p` = time(p) / time(maskkern) (> 1: maskkern is faster); ✓ = output"
-        f" (and grads) match the reference, ✗ = max abs error, a ✗ after a time = that provider is wrong;"
-        f" peak MB = allocated above the inputs during one call."
+        "ms = median per call over interleaved runs (p20/p80 in the CSV); `× p` = time(p) / time(maskkern)"
+        " (> 1: maskkern is faster); ✓ = output (and grads) match the reference, ✗ = max abs error, a ✗"
+        " after a time = that provider is wrong; peak MB = allocated above the inputs during one call."
     )
     if has_gbps:
         method += f" GB/s = compulsory bytes / median (maskkern); % copy = of {ctx.copy_gbps:.1f} GB/s copy_."
-    out = [f"## {kernel}", "", method, "", *lines]
+    out = [f"## {kernel}", "", run, "", method, "", *lines]
     if notes:
         out += ["", "Errors:", *notes]
     return "\n".join(out) + "\n"
@@ -695,6 +713,7 @@ def plot(kernel: str, results: list[CaseResult], ctx: Context) -> list[Path]:
                     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
                 elif min(xs) > 0 and max(xs) / min(xs) >= 8:
                     ax.set_xscale("log", base=2)
+                    ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
         fig.suptitle(ctx.device_name, fontsize=9)
@@ -712,7 +731,7 @@ def summary_markdown(targets: list[Target], ctx: Context) -> str:
         f"# maskkern benchmark summary — {ctx.device_name}",
         "",
         f"{ctx.timestamp}; {ctx.versions}; copy_ bandwidth {ctx.copy_gbps:.1f} GB/s"
-        f"{'; --quick run' if ctx.quick else ''}.",
+        f"{'; --quick run' if ctx.quick else ''}; {load_note(ctx.load_at_start)}.",
         "",
         summary_rows(targets),
     ]
