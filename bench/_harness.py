@@ -64,7 +64,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -397,10 +397,6 @@ def copy_bandwidth(device: torch.device, budget: Budget) -> float:
 # --- running a case -----------------------------------------------------------------------------
 
 
-def _leaves(inputs: dict[str, Any], names: Iterable[str]) -> list[Tensor]:
-    return [inputs[n] for n in names]
-
-
 def _mode_fn(fn: Callable[..., Tensor], inputs: dict[str, Any], mode: str, leaves: list[Tensor], grad):
     """A zero-argument callable that runs one ``mode`` call of ``fn``."""
     if mode == "fwd":
@@ -432,17 +428,23 @@ def _outputs(out: Tensor, leaves: list[Tensor], grad: Tensor | None) -> list:
 
 
 def _max_error(actual: list, expected: list, tol: tuple[float, float] | None) -> tuple[bool, float]:
+    """(all within tolerance, max abs error); the error is NaN where NaNs differ, inf where shapes
+    or the presence of a gradient differ."""
     ok, err = True, 0.0
     for a, e in zip(actual, expected, strict=True):
-        if a is None or e is None:
-            ok = ok and a is None and e is None
+        if a is None or e is None or a.shape != e.shape:
+            if not (a is None and e is None):
+                ok, err = False, math.inf
             continue
         rtol, atol = tol or TOL.get(e.dtype, (0.0, 0.0))
         a64, e64 = a.double(), e.to(a.device).double()
-        same_nan = torch.equal(a64.isnan(), e64.isnan())
+        if not torch.equal(a64.isnan(), e64.isnan()):
+            ok, err = False, math.nan
+            continue
         diff = (a64 - e64).abs().nan_to_num(0.0)
-        err = max(err, float(diff.max()) if diff.numel() else 0.0, 0.0 if same_nan else math.inf)
-        ok = ok and a.shape == e.shape and torch.allclose(a64, e64, rtol, atol, equal_nan=True)
+        if not math.isnan(err) and diff.numel():
+            err = max(err, float(diff.max()))
+        ok = ok and torch.allclose(a64, e64, rtol, atol, equal_nan=True)
     return ok, err
 
 
@@ -451,7 +453,7 @@ def _prepare(case: Case) -> tuple[dict[str, Any], list[Tensor], Tensor | None, l
     reference's output and gradients (None without a reference)."""
     torch.manual_seed(0)
     inputs = case.inputs()
-    leaves = _leaves(inputs, case.grad_inputs)
+    leaves = [inputs[n] for n in case.grad_inputs]
     with_grad = "fwd+bwd" in case.modes
     for t in leaves:
         t.requires_grad_(with_grad)
@@ -466,7 +468,8 @@ def _error_text(exc: BaseException) -> str:
 
 
 class Context:
-    """One run: the device, the budget, the copy bandwidth, and the rows measured so far."""
+    """One run: the device, the measuring budget, the forced backend, where outputs go; measures
+    the copy bandwidth once and runs cases."""
 
     def __init__(
         self, device: torch.device, quick: bool, backend: str | None, out_dir: Path, plots: bool = True
