@@ -1,6 +1,6 @@
 // pad_embedding on CPU.
 //
-// Forward: a row gather, parallel over tokens. A row is a memcpy (or one vectorised multiply when
+// Forward: a row gather, parallel over tokens. A row is a copy (or one vectorised multiply when
 // scale != 1); pad positions under zero_pad, and out-of-range ids, are zero-filled without
 // touching the weight.
 //
@@ -13,7 +13,8 @@
 //
 // Both outputs are large, freshly allocated and written exactly once: their page faults (the OS
 // zeroing 4 KiB at a time) cost more than the kernels themselves, so they are allocated with a
-// transparent-huge-page hint (see empty_written_once).
+// transparent-huge-page hint (see empty_written_once), and whole rows are written with
+// non-temporal stores (see stream_copy).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,6 +28,10 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+
+#if defined(__AVX2__)
+#include <immintrin.h>
 #endif
 
 #include <algorithm>
@@ -62,6 +67,45 @@ at::Tensor empty_written_once(at::IntArrayRef sizes, const at::TensorOptions& op
   return t;
 }
 
+// Rows of the outputs are written with non-temporal (streaming) stores where 32-byte aligned: the
+// outputs are far larger than the caches and not read back here, and a streamed line skips the
+// read-for-ownership of a normal store (about a third less memory traffic). Callers end their
+// parallel chunk with stream_fence().
+inline bool can_stream(const void* dst, size_t bytes) {
+#if defined(__AVX2__)
+  return reinterpret_cast<uintptr_t>(dst) % 32 == 0 && bytes % 32 == 0;
+#else
+  (void)dst, (void)bytes;
+  return false;
+#endif
+}
+
+// dst[0, bytes) = src[0, bytes), or zeros when src is null.
+inline void stream_copy(void* dst, const void* src, size_t bytes) {
+#if defined(__AVX2__)
+  if (can_stream(dst, bytes)) {
+    auto* d = static_cast<__m256i*>(dst);
+    const auto* s = static_cast<const __m256i*>(src);
+    const __m256i zero = _mm256_setzero_si256();
+    for (size_t i = 0; i < bytes / 32; ++i) {
+      _mm256_stream_si256(d + i, s ? _mm256_loadu_si256(s + i) : zero);
+    }
+    return;
+  }
+#endif
+  if (src) {
+    std::memcpy(dst, src, bytes);
+  } else {
+    std::memset(dst, 0, bytes);
+  }
+}
+
+inline void stream_fence() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
+
 template <typename index_t>
 inline bool in_range(index_t id, int64_t num_weights) {
   return id >= 0 && static_cast<int64_t>(id) < num_weights;
@@ -88,13 +132,14 @@ void gather_rows(const index_t* ids, int64_t N, const scalar_t* weight, int64_t 
       const index_t id = ids[n];
       scalar_t* dst = out + n * D;
       if (!in_range(id, num_weights) || (zero_pad && id == pad)) {
-        std::memset(dst, 0, D * sizeof(scalar_t));
+        stream_copy(dst, nullptr, D * sizeof(scalar_t));
       } else if (scaled) {
         copy_scaled_row(dst, weight + static_cast<int64_t>(id) * row_stride, s, D);
       } else {
-        std::memcpy(dst, weight + static_cast<int64_t>(id) * row_stride, D * sizeof(scalar_t));
+        stream_copy(dst, weight + static_cast<int64_t>(id) * row_stride, D * sizeof(scalar_t));
       }
     }
+    stream_fence();
   });
 }
 
@@ -205,21 +250,16 @@ void reduce_rows(const scalar_t* grad, const TokensById& tokens, int64_t num_wei
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_weights));
   const std::vector<int64_t> splits = balanced_row_splits(tokens.offsets, tasks);
   at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
-    // fp16/bf16 rows are summed in an fp32 buffer that stays in L1; fp32/fp64 in place.
-    std::vector<acc_t> buffer(kSameType ? 0 : D);
+    // A row is summed in an fp32 (fp64) buffer that stays in L1, then written out once.
+    std::vector<acc_t> buffer(D);
+    acc_t* acc = buffer.data();
     for (const auto task : c10::irange(first_task, end_task)) {
       for (int64_t r = splits[task]; r < splits[task + 1]; ++r) {
         const int64_t begin = tokens.offsets[r], end = tokens.offsets[r + 1];
         scalar_t* dst = grad_weight + r * D;
         if (begin == end) {
-          std::memset(dst, 0, D * sizeof(scalar_t));
+          stream_copy(dst, nullptr, D * sizeof(scalar_t));
           continue;
-        }
-        acc_t* acc = nullptr;
-        if constexpr (kSameType) {
-          acc = dst;
-        } else {
-          acc = buffer.data();
         }
         std::fill(acc, acc + D, acc_t(0));
         for (int64_t k = begin; k < end; ++k) {
@@ -232,13 +272,15 @@ void reduce_rows(const scalar_t* grad, const TokensById& tokens, int64_t num_wei
         const auto f = static_cast<acc_t>(factor);
         if constexpr (kSameType) {
           if (factor != 1.0) {
-            at::vec::map([f](fVec x) { return x * fVec(f); }, dst, acc, D);
+            at::vec::map([f](fVec x) { return x * fVec(f); }, acc, acc, D);
           }
+          stream_copy(dst, acc, D * sizeof(scalar_t));
         } else {
           at::vec::map([f](fVec x) { return x * fVec(f); }, dst, acc, D);
         }
       }
     }
+    stream_fence();
   });
 }
 
