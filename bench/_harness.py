@@ -685,6 +685,8 @@ def plot(kernel: str, results: list[CaseResult], ctx: Context) -> list[Path]:
         groups.setdefault(r.case.plot or r.case.x_name, []).append(r)
     paths = []
     for name, group in groups.items():
+        if not any(r.times for r in group):  # every case failed: nothing to draw
+            continue
         modes = [m for m in MODES if any(m in r.case.modes for r in group)]
         has_gbps = any(m.gbps is not None for r in group for m in r.times.values())
         rows = 2 if has_gbps else 1
