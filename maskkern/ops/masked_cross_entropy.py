@@ -18,12 +18,12 @@ target range check.
 
 Memory: forward allocates one logits-sized buffer, the gradient — or, when the logits had to be
 copied to rows (class dim not last, or strided), computes the gradient in place in that copy.
-Backward (``maskkern::masked_cross_entropy_backward``, a torch multiply, no kernel needed)
-multiplies that saved buffer in place by the incoming gradient (per row under "none"; skipped on
-CPU when it is 1) and hands it on: fwd+bwd never hold more than one logits-sized buffer beyond the
-input. Reusing the buffer makes a second backward through the same graph (retain_graph=True) fail
-with PyTorch's "modified by an inplace operation" error instead of giving wrong gradients. The loss
-is not twice differentiable.
+Backward multiplies that saved buffer in place by the incoming gradient (per row under "none";
+skipped on CPU when it is 1) and hands it on, since the graph is freed after it: fwd+bwd hold one
+logits-sized buffer beyond the input. When the graph is kept (retain_graph, gradcheck) or traced
+(torch.compile), ``maskkern::masked_cross_entropy_backward`` — a torch broadcast multiply, no
+kernel needed — multiplies out of place instead, so that another backward sees the buffer
+unchanged. The loss is not twice differentiable.
 """
 
 from __future__ import annotations
@@ -274,40 +274,53 @@ def _(input, target, weight, mask, ignore_index, reduction, label_smoothing, z_l
     return loss, input.new_empty((n_rows, n_classes) if compute_grad else (0,))
 
 
-@torch.library.custom_op("maskkern::masked_cross_entropy_backward", mutates_args=("grad_rows",))
-def _masked_cross_entropy_backward_op(grad_rows: Tensor, grad_loss: Tensor) -> None:
-    """grad_rows (N, C) *= grad_loss, a scalar or (N,) (one factor per row), in place."""
-    g = grad_loss.reshape(-1, 1)
-    # A loss that is the last node gets a gradient of exactly 1: on CPU, reading it is free and
-    # saves a pass over the logits-sized buffer; on CUDA it would synchronise.
-    if g.numel() == 1 and g.device.type == "cpu" and bool(g == 1):
-        return
-    grad_rows.mul_(g)
+@torch.library.custom_op("maskkern::masked_cross_entropy_backward", mutates_args=())
+def _masked_cross_entropy_backward_op(grad_rows: Tensor, grad_loss: Tensor) -> Tensor:
+    """grad_rows (N, C) * grad_loss, a scalar or (N,) (one factor per row): a torch broadcast
+    multiply, one rounding from fp32; out of place, so the saved buffer stays valid for another
+    backward through the same graph."""
+    return grad_rows * grad_loss.reshape(-1, 1)
 
 
 @_masked_cross_entropy_backward_op.register_fake
 def _(grad_rows, grad_loss):
-    return None
+    return torch.empty_like(grad_rows)
 
 
 def _setup_context(ctx, inputs, output):
     input, *_, compute_grad, _ = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # else autograd allocates a zero logits-sized grad for it
     ctx.save_for_backward(grad)
     ctx.input_shape, ctx.compute_grad = input.shape, compute_grad
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph / create_graph, gradcheck):
+    then the saved buffer must stay as it is. Unknown counts as kept."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return probe is None or probe()
+
+
 def _backward(ctx, grad_loss, _grad_rows):
-    if not ctx.needs_input_grad[0]:
+    if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None,) * 10
     if not ctx.compute_grad:
         raise RuntimeError(
             "masked_cross_entropy ran with grad disabled for input, so its gradient was not computed"
         )
     (grad,) = ctx.saved_tensors
-    # The buffer is ours (see the module docstring): it is scaled in place and handed on.
-    torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss)
+    traced = torch.compiler.is_compiling() or type(grad_loss) is not Tensor
+    if traced or _graph_is_kept():
+        dx = torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss)
+        return (from_rows(dx, ctx.input_shape), *(None,) * 9)
+    # The graph is freed after this: the buffer is ours to scale in place and hand on. On CPU a
+    # unit gradient (loss.backward()) is seen for free and saves the pass; on CUDA seeing it
+    # would synchronise, so the multiply runs.
+    g = grad_loss.reshape(-1, 1)
+    if not (g.device.type == "cpu" and g.numel() == 1 and bool(g == 1)):
+        grad.mul_(g)
     return (from_rows(grad, ctx.input_shape), *(None,) * 9)
 
 
