@@ -44,13 +44,20 @@ def keep_mask(lengths: Tensor | None, causal: bool, L: int, device: torch.device
     return keep
 
 
+def _keep(scores: Tensor, lengths: Tensor | None, mask: Tensor | None, causal: bool) -> Tensor | None:
+    """keep_mask() ANDed with a given bool mask: what every eager-style provider builds per call."""
+    keep = keep_mask(lengths, causal, scores.shape[-1], scores.device)
+    return mask if keep is None else keep if mask is None else keep & mask
+
+
+def _masked_scores(scores: Tensor, keep: Tensor | None) -> Tensor:
+    x = scores * SCALE
+    return x if keep is None else x.masked_fill(~keep, float("-inf"))
+
+
 def _eager(causal: bool):
     def eager(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        keep = keep_mask(lengths, causal, scores.shape[-1], scores.device)
-        if mask is not None:
-            keep = mask if keep is None else keep & mask
-        x = scores * SCALE
-        return torch.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), -1)
+        return torch.softmax(_masked_scores(scores, _keep(scores, lengths, mask, causal)), -1)
 
     return eager
 
@@ -75,37 +82,35 @@ def _reference(causal: bool):
 
 
 def _peers(ctx: Context, causal: bool, dtype: torch.dtype, L: int) -> dict:
-    """Apex's fused masked softmax (fp16/bf16, 16 < L <= 4096, L % 8 == 0: its limits) and Liger's
-    softmax after an eager masked_fill, on GPU when importable."""
+    """On GPU, when importable: Apex's fused ScaledMaskedSoftmax (within its limits: fp16/bf16,
+    16 < L <= 4096, L % 8 == 0; it wants a dense [B, 1, L, L] mask, True = masked) and Liger's
+    softmax after the eager masked_fill."""
     peers: dict = {}
     if not ctx.on_gpu:
         return peers
     try:
         from apex.transformer.functional.fused_softmax import ScaledMaskedSoftmax
+
+        if dtype != torch.float32 and 16 < L <= 4096 and L % 8 == 0:
+
+            def apex(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                keep = _keep(scores, lengths, mask, causal)
+                keep = torch.ones((), dtype=torch.bool, device=scores.device) if keep is None else keep
+                dense = ~keep.expand(scores.shape[0], 1, L, L).contiguous()
+                return ScaledMaskedSoftmax.apply(scores, dense, SCALE)
+
+            peers["apex"] = apex
     except ImportError:
-        ScaledMaskedSoftmax = None
-    if ScaledMaskedSoftmax is not None and dtype != torch.float32 and 16 < L <= 4096 and L % 8 == 0:
-
-        def apex(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-            keep = keep_mask(lengths, causal, L, scores.device)
-            keep = keep if mask is None else mask if keep is None else keep & mask
-            dense = ~keep.expand(scores.shape[0], 1, L, L).contiguous()  # Apex: a full [b, 1, sq, sk] mask
-            return ScaledMaskedSoftmax.apply(scores, dense, SCALE)
-
-        peers["apex"] = apex
+        pass
     try:
         from liger_kernel.transformers.functional import liger_softmax
-    except ImportError:
-        liger_softmax = None
-    if liger_softmax is not None:
 
         def liger(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-            keep = keep_mask(lengths, causal, L, scores.device)
-            keep = keep if mask is None else mask if keep is None else keep & mask
-            x = scores * SCALE
-            return liger_softmax(x if keep is None else x.masked_fill(~keep, float("-inf")))
+            return liger_softmax(_masked_scores(scores, _keep(scores, lengths, mask, causal)))
 
         peers["liger"] = liger
+    except ImportError:
+        pass
     return peers
 
 
