@@ -38,4 +38,15 @@ TORCH_LIBRARY(maskkern, m) {
   m.def(
       "pad_embedding_bwd(Tensor grad, Tensor ids, SymInt num_weights, int pad, "
       "bool scale_grad_by_freq, float scale) -> Tensor");
+  // masked_cross_entropy: logits (N, C) with class stride 1 (any row stride); target int64 (N,);
+  // valid bool (N,) (rows that count; the others are never read); weight None or (C,) in the
+  // compute dtype (fp32, fp64 for fp64). Returns (ce, lse), (N,) in the compute dtype, 0 on rows
+  // that do not count. grad, when given, is (N, C) contiguous in logits' dtype (it may be logits
+  // itself: a row is read before it is overwritten) and receives s_ce * d(ce)/dx +
+  // s_z * d(z_loss * lse^2)/dx, (s_ce, s_z) = grad_scale ((2,) in the compute dtype, or 1 and 1),
+  // zeros on rows that do not count.
+  m.def(
+      "masked_cross_entropy_fwd(Tensor logits, Tensor target, Tensor valid, Tensor? weight, "
+      "float label_smoothing, float z_loss, Tensor? grad_scale, Tensor(a!)? grad) "
+      "-> (Tensor, Tensor)");
 }

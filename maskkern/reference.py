@@ -84,6 +84,117 @@ def masked_softmax_backward(grad: Tensor, out: Tensor, scale: float) -> Tensor:
     return (scale * (yg - y * yg.sum(-1, keepdim=True))).to(out.dtype)
 
 
+def masked_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Tensor:
+    """``F.cross_entropy`` with class-index targets (int32 or int64), plus ``mask`` (True = the
+    target counts) and ``z_loss`` (z·logsumexp² per counted row, unweighted; divided by the number
+    of counted rows under "mean"). Layouts (C,), (N, C), (N, C, d1, ...).
+
+    Without ``mask`` and ``z_loss`` this is PyTorch's formula, label smoothing with class weights
+    included: loss_i = (1-ε)·w[y_i]·(lse_i - x_iy) + ε/C·Σ_c w_c·(lse_i - x_ic) over counted rows,
+    and "mean" divides by Σ w[y_i] over them (NaN when that is 0/0, with a zero gradient).
+    """
+    cdim = 0 if input.dim() == 1 else 1
+    n_classes = input.shape[cdim]
+    x = input.to(_compute_dtype(input.dtype))
+    valid = target != ignore_index
+    if mask is not None:
+        valid = valid & mask
+    safe = target.long().masked_fill(~valid, 0)
+    lse = torch.logsumexp(x, cdim)
+    logp = x - lse.unsqueeze(cdim)
+    w_y = torch.ones_like(lse) if weight is None else weight.to(x.dtype)[safe]
+    loss = -(1 - label_smoothing) * w_y * logp.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim)
+    if label_smoothing:
+        wb = 1 if weight is None else weight.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - cdim - 1))
+        loss = loss - label_smoothing / n_classes * (logp * wb).sum(cdim)
+    # where, not a product: the rows that do not count give no NaN and get a zero gradient.
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    loss = torch.where(valid, loss, zero)
+    zterm = torch.where(valid, z_loss * lse * lse, zero)
+    if reduction == "none":
+        out = loss + zterm
+    elif reduction == "sum":
+        out = loss.sum() + zterm.sum()
+    else:
+        out = loss.sum() / torch.where(valid, w_y, zero).sum() + zterm.sum() / valid.sum()
+    return out.to(input.dtype)
+
+
+def masked_cross_entropy_rows(
+    logits: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    z_loss: float,
+    grad_scale: Tensor | None,
+    grad: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The row kernel's contract in eager PyTorch (the ``torch`` backend of the kernel ops).
+
+    logits (N, C); target int64 (N,); valid bool (N,); weight (C,) in the compute dtype or None.
+    Returns (ce, lse), both (N,) in the compute dtype and 0 on rows that do not count, where
+    ce_i = (1-ε)·w[y_i]·(lse_i - x_iy) + ε/C·Σ_c w_c·(lse_i - x_ic). When ``grad`` is given it
+    receives s_ce·d(ce_i)/dx_i + s_z·d(z_loss·lse_i²)/dx_i (zeros on rows that do not count), where
+    (s_ce, s_z) = grad_scale, (1, 1) when None.
+    """
+    n_classes = logits.shape[1]
+    x = logits.to(_compute_dtype(logits.dtype))
+    safe = target.masked_fill(~valid, 0)
+    lse = torch.logsumexp(x, 1)
+    w = torch.ones(n_classes, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    w_y = w[safe]
+    eps = label_smoothing / n_classes
+    x_y = x.gather(1, safe[:, None])[:, 0]
+    ce = (1 - label_smoothing) * w_y * (lse - x_y)
+    if label_smoothing:
+        ce = ce + eps * (w.sum() * lse - x @ w)
+    keep = valid[:, None]
+    if grad is not None:
+        s_ce, s_z = (1.0, 1.0) if grad_scale is None else grad_scale.to(x.dtype).unbind()
+        p = torch.exp(x - lse[:, None])
+        coef = s_ce * ((1 - label_smoothing) * w_y + eps * w.sum()) + s_z * 2 * z_loss * lse
+        g = p * coef[:, None] - s_ce * eps * w
+        g.scatter_add_(1, safe[:, None], -(s_ce * (1 - label_smoothing) * w_y)[:, None])
+        grad.copy_(torch.where(keep, g, 0))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(valid, ce, zero), torch.where(valid, lse, zero)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> Tensor:
+    """``masked_cross_entropy(hidden @ weight.T + bias, target, ...)`` with the full logits held:
+    the eager expression that ``linear_cross_entropy`` replaces. hidden (..., H), target (...)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return masked_cross_entropy(
+        logits.reshape(-1, weight.shape[0]),
+        target.reshape(-1),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    ).reshape(target.shape if reduction == "none" else ())
+
+
 def pad_embedding(
     input: Tensor,
     weight: Tensor,

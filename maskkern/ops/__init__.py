@@ -1,7 +1,16 @@
 """The public ops, one module each (function, custom ops, autograd, module class)."""
 
 from .attention import attention
+from .masked_cross_entropy import MaskedCrossEntropyLoss, masked_cross_entropy
 from .masked_softmax import MaskedSoftmax, masked_softmax
 from .pad_embedding import PadEmbedding, pad_embedding
 
-__all__ = ["MaskedSoftmax", "PadEmbedding", "attention", "masked_softmax", "pad_embedding"]
+__all__ = [
+    "MaskedCrossEntropyLoss",
+    "MaskedSoftmax",
+    "PadEmbedding",
+    "attention",
+    "masked_cross_entropy",
+    "masked_softmax",
+    "pad_embedding",
+]
