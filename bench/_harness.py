@@ -777,6 +777,10 @@ def main(modules: list[ModuleType], argv: list[str] | None = None, suite: bool =
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     only = {k for k in args.only.split(",") if k}
+    unknown = only - {m.KERNEL for m in modules}
+    if unknown:
+        known = ", ".join(m.KERNEL for m in modules)
+        raise SystemExit(f"--only: unknown kernel(s) {', '.join(sorted(unknown))}; known: {known}")
     modules = [m for m in modules if not only or m.KERNEL in only]
     slug = device_slug(device)
     out_dir = args.out or (RESULTS / "tmp" / f"{slug}-quick" if args.quick else RESULTS / slug)
