@@ -62,7 +62,12 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 echo "[cuda-build] torch $("$PY" -c 'import torch; print(torch.__version__)'), nvcc $CUDA_HOME," \
   "arch $TORCH_CUDA_ARCH_LIST, CPATH=$CPATH" >&2
 # Incremental (ninja under build/cuda-temp); any compile or link error fails the script (set -e).
-"$PY" setup.py -q build_ext --build-temp "$TEMP_DIR" --build-lib "$LIB_DIR"
+mkdir -p "$TEMP_DIR"
+"$PY" setup.py -q build_ext --build-temp "$TEMP_DIR" --build-lib "$LIB_DIR" 2>&1 | tee "$TEMP_DIR/build.log"
+# Warnings in our own sources (not torch's headers) are listed, not fatal: they are worth fixing.
+if grep -E "csrc/[^ ]*(:[0-9]+:[0-9]+: |\([0-9]+\): )warning" "$TEMP_DIR/build.log"; then
+  echo "[cuda-build] ^ compiler warnings in csrc/" >&2
+fi
 
 SO="$(ls "$LIB_DIR"/maskkern/_C*.so)"
 echo "[cuda-build] built $SO"
