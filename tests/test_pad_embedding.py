@@ -238,6 +238,14 @@ def test_unchecked_out_of_range_ids_read_nothing(backend, device):
     assert torch.equal(weight.grad, counts[:, None].expand(V, D))
 
 
+@pytest.mark.parametrize("device", [d for b, d in BACKENDS if b == "torch"])
+def test_torch_backend_always_checks_ids(device):
+    ids = _ids((2, 4), device)
+    ids[1, 1] = V
+    with pytest.raises(IndexError, match=f"id {V}"):
+        mk.pad_embedding(ids, _weight(torch.float32, device), check_ids=False, backend="torch")
+
+
 def _op_samples(device):
     """Arguments of maskkern::pad_embedding as the public function passes them."""
     w = torch.randn(V, D, device=device)

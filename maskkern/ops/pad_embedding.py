@@ -58,7 +58,8 @@ def pad_embedding(
         scale_grad_by_freq: scale each row's gradient by 1 / (its id's count in ``input``).
         check_ids: check that every id is in [0, V) and raise IndexError otherwise. On CUDA the check
             synchronises with the host; ``False`` skips it, and an out-of-range id then gives a zero
-            output row and no gradient (never an out-of-bounds access).
+            output row and no gradient (never an out-of-bounds access). The torch backend always
+            checks.
         backend: "triton", "cuda", "cpu", "torch" or None (the default for weight's device).
 
     Returns:
@@ -119,6 +120,10 @@ def _torch_fwd(ids, weight, pad, zero_pad, scale):
     )
 
 
+def _torch_bwd(grad, ids, num_weights, pad, scale_grad_by_freq, scale):
+    return reference.pad_embedding_backward(grad, ids, num_weights, pad, scale, scale_grad_by_freq)
+
+
 def _kernels(backend: str):
     if backend in ("cpu", "cuda"):
         return torch.ops.maskkern.pad_embedding_fwd, torch.ops.maskkern.pad_embedding_bwd
@@ -127,10 +132,6 @@ def _kernels(backend: str):
 
         return tk.pad_embedding_fwd, tk.pad_embedding_bwd
     return _torch_fwd, _torch_bwd
-
-
-def _torch_bwd(grad, ids, num_weights, pad, scale_grad_by_freq, scale):
-    return reference.pad_embedding_backward(grad, ids, num_weights, pad, scale, scale_grad_by_freq)
 
 
 def _unit_column_stride(weight: Tensor) -> Tensor:
@@ -153,7 +154,8 @@ def _pad_embedding_op(
     backend: str,
 ) -> Tensor:
     num_embeddings, dim = weight.shape
-    if check_ids:
+    # The torch backend's F.embedding would fail on a bad id anyway (a device assert on CUDA).
+    if check_ids or backend == "torch":
         _check_id_range(input, num_embeddings)
     if input.numel() == 0 or dim == 0:
         return weight.new_empty((*input.shape, dim))
