@@ -296,7 +296,7 @@ def _setup_context(ctx, inputs, output):
     ctx.input_shape, ctx.compute_grad = input.shape, compute_grad
 
 
-def _graph_is_kept() -> bool:
+def graph_is_kept() -> bool:
     """Whether the running backward keeps the graph (retain_graph / create_graph, gradcheck):
     then the saved buffer must stay as it is. Unknown counts as kept."""
     probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -312,7 +312,7 @@ def _backward(ctx, grad_loss, _grad_rows):
         )
     (grad,) = ctx.saved_tensors
     traced = torch.compiler.is_compiling() or type(grad_loss) is not Tensor
-    if traced or _graph_is_kept():
+    if traced or graph_is_kept():
         dx = torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss)
         return (from_rows(dx, ctx.input_shape), *(None,) * 9)
     # The graph is freed after this: the buffer is ours to scale in place and hand on. On CPU a

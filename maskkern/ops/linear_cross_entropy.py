@@ -1,0 +1,386 @@
+"""linear_cross_entropy: ``masked_cross_entropy(hidden @ weight.T + bias, target)`` without ever
+holding the (N, V) logits.
+
+Tokens are processed in chunks: a chunk's logits come from a torch matmul, the backend's
+masked_cross_entropy row kernel turns them into the loss and — in place, the chunk buffer is ours —
+into their gradient, and torch matmuls fold that into grad_hidden, grad_weight and grad_bias. With
+"sum" and "mean" the gradients are computed during the forward pass (for a unit incoming gradient)
+and backward only scales them; with "none" the per-token incoming gradient is only known in
+backward, which recomputes the chunks (``maskkern::linear_cross_entropy_backward``). The matmuls
+are torch's, so every backend works wherever its row kernel does.
+
+Memory beyond the inputs and the gradients: one logits chunk (``chunk_size`` rows, by default about
+32 MiB on CPU), plus an fp32 grad_weight accumulator for half inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._backend import resolve_backend
+from ._common import FLOAT_DTYPES, check_dtype, check_index_dtype, check_same_device, check_tensor
+from .masked_cross_entropy import (
+    check_label_smoothing,
+    check_reduction,
+    check_z_loss,
+    compute_dtype,
+    counted_rows,
+    graph_is_kept,
+    reduce_rows,
+    row_kernel,
+)
+
+# Logits bytes per chunk: a few tens of MB stay in the CPU's last-level cache and cost little page
+# faulting; on a GPU larger chunks feed the matmuls better (at least the size of hidden, like
+# Liger's chunk = N / ceil(V / H)).
+CPU_CHUNK_BYTES = 32 << 20
+GPU_CHUNK_BYTES = 256 << 20
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T + bias`` against ``target``, computed in
+    chunks of tokens so that the full (N, V) logits never exist.
+
+    Replaces ``F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(),
+    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)`` (plus
+    ``z_loss`` as in ``masked_cross_entropy``), gradients of hidden, weight and bias included.
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64.
+        weight: (V, H), hidden's dtype and device.
+        target: int64 or int32 class indices of shape hidden.shape[:-1].
+        bias: optional (V,), hidden's dtype.
+        ignore_index, reduction, label_smoothing, z_loss: as in ``masked_cross_entropy``.
+        chunk_size: tokens per chunk; None picks one from N, V and H (about 32 MiB of logits on CPU).
+        backend: the row kernel's backend ("triton", "cuda", "cpu", "torch" or None).
+
+    Returns:
+        The loss in hidden's dtype: a scalar, or target's shape for reduction="none".
+    """
+    check_tensor(hidden, "hidden")
+    check_dtype(hidden, "hidden", FLOAT_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be (..., H), got a 0-d tensor")
+    check_tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, {hidden.shape[-1]}) = (V, H), got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {t.dtype}")
+        check_same_device(t, name, hidden, "hidden")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) = (V,), got {tuple(bias.shape)}")
+    check_tensor(target, "target")
+    check_index_dtype(target, "target")
+    check_same_device(target, "target", hidden, "hidden")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"target must have shape {tuple(hidden.shape[:-1])} = hidden.shape[:-1], "
+            f"got {tuple(target.shape)}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_reduction(reduction)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    z_loss = check_z_loss(z_loss)
+    backend = resolve_backend(backend, hidden.device, "hidden")
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, *_ = torch.ops.maskkern.linear_cross_entropy(
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+        chunk_size or 0, *needs, backend,
+    )  # fmt: skip
+    return loss
+
+
+def auto_chunk_size(
+    n_tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Tokens per chunk: the logits chunk takes about CPU_CHUNK_BYTES on CPU; on a GPU at least
+    the size of hidden (so the chunk matmuls are as large as hidden's) and GPU_CHUNK_BYTES."""
+    row_bytes = max(vocab, 1) * torch.finfo(dtype).bits // 8
+    if device.type == "cpu":
+        budget = CPU_CHUNK_BYTES
+    else:
+        budget = max(GPU_CHUNK_BYTES, n_tokens * hidden_size * torch.finfo(dtype).bits // 8)
+    return max(1, min(n_tokens, budget // row_bytes))
+
+
+def _chunked(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int,
+    needs: tuple[bool, bool, bool],
+    backend: str,
+    row_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The chunk loop, (N, H) hidden: (loss, grad_hidden, grad_weight, grad_bias), each gradient
+    empty when not needed. With ``row_scale`` (N,) (the "none" backward) each token's logits
+    gradient is multiplied by it; else gradients are for a unit incoming gradient of the loss."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    t = target.reshape(-1).long()
+    valid = counted_rows(t, vocab, ignore_index, None)
+    denominators = None
+    grad_scale = None
+    if reduction == "mean":
+        count = valid.sum().to(cdt)
+        denominators = torch.stack([count, count])
+        grad_scale = 1.0 / denominators
+    chunk = chunk_size or auto_chunk_size(n, vocab, hidden.shape[1], hidden.dtype, hidden.device)
+    need_h, need_w, need_b = needs
+    # Half gradients of the weight and bias are sums over all chunks: accumulate them in fp32.
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=cdt, device=weight.device) if need_b else None
+    ce = torch.empty(n, dtype=cdt, device=hidden.device)
+    lse = torch.empty(n, dtype=cdt, device=hidden.device)
+    kernel = row_kernel(backend)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        h = hidden[start:end]
+        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        grad = logits if any(needs) else None  # overwritten by its own gradient
+        ce[start:end], lse[start:end] = kernel(
+            logits, t[start:end], valid[start:end], None, label_smoothing, z_loss, grad_scale, grad
+        )
+        if grad is None:
+            continue
+        if row_scale is not None:
+            grad.mul_(row_scale[start:end, None].to(grad.dtype))
+        if need_h:
+            torch.mm(grad, weight, out=grad_h[start:end])
+        if need_w:
+            if grad_w.dtype == grad.dtype:
+                grad_w.addmm_(grad.T, h)
+            else:
+                grad_w += grad.T @ h
+        if need_b:
+            grad_b += grad.sum(0, dtype=cdt)
+    loss = reduce_rows(ce, lse, reduction, z_loss, denominators)
+    # Absent gradients are empty tensors, each its own (custom op outputs may not alias).
+    return (
+        loss.to(hidden.dtype),
+        hidden.new_empty(0) if grad_h is None else grad_h,
+        hidden.new_empty(0) if grad_w is None else grad_w.to(weight.dtype),
+        hidden.new_empty(0) if grad_b is None else grad_b.to(weight.dtype),
+    )
+
+
+# --- the custom ops -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("maskkern::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias); the gradients (for a unit incoming gradient)
+    only for "sum"/"mean" and those needed, else empty."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    needs = (need_hidden, need_weight, need_bias) if reduction != "none" else (False, False, False)
+    loss, gh, gw, gb = _chunked(
+        h2, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, needs, backend
+    )
+    loss = loss.view(target.shape) if reduction == "none" else loss
+    return loss, gh.view(hidden.shape) if gh.numel() else gh, gw, gb
+
+
+@_linear_cross_entropy_op.register_fake
+def _(
+    hidden,
+    weight,
+    target,
+    bias,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    chunk_size,
+    nh,
+    nw,
+    nb,
+    backend,
+):
+    in_forward = reduction != "none"
+    return (
+        hidden.new_empty(target.shape if reduction == "none" else ()),
+        torch.empty_like(hidden) if nh and in_forward else hidden.new_empty(0),
+        torch.empty_like(weight) if nw and in_forward else hidden.new_empty(0),
+        hidden.new_empty(weight.shape[0]) if nb and in_forward else hidden.new_empty(0),
+    )
+
+
+@torch.library.custom_op("maskkern::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(
+    grad_loss: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of reduction="none": the chunks again, each token's logits gradient times its
+    incoming gradient. Returns (grad_hidden, grad_weight, grad_bias), empty when not needed."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    row_scale = grad_loss.reshape(-1).to(compute_dtype(hidden.dtype))
+    needs = (need_hidden, need_weight, need_bias)
+    _, gh, gw, gb = _chunked(
+        h2, weight, target, bias, ignore_index, "none", label_smoothing, z_loss, chunk_size, needs, backend,
+        row_scale,
+    )  # fmt: skip
+    return gh.view(hidden.shape) if gh.numel() else gh, gw, gb
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(
+    grad_loss,
+    hidden,
+    weight,
+    target,
+    bias,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    chunk_size,
+    nh,
+    nw,
+    nb,
+    backend,
+):
+    return (
+        torch.empty_like(hidden) if nh else hidden.new_empty(0),
+        torch.empty_like(weight) if nw else hidden.new_empty(0),
+        hidden.new_empty(weight.shape[0]) if nb else hidden.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk, nh, nw, nb, backend = (
+        inputs
+    )
+    _, gh, gw, gb = output
+    ctx.mark_non_differentiable(gh, gw, gb)
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    if reduction == "none":
+        # Recomputed in backward: the inputs are saved, no activation.
+        ctx.save_for_backward(hidden, weight, target, bias)
+        ctx.args = (ignore_index, smoothing, z_loss, chunk, nh, nw, nb, backend)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+
+
+def _backward(ctx, grad_loss, *_unused_grads):
+    if grad_loss is None or not any(ctx.needs_input_grad[:4]):
+        return (None,) * 13
+    if ctx.reduction == "none":
+        hidden, weight, target, bias = ctx.saved_tensors
+        grads = torch.ops.maskkern.linear_cross_entropy_backward(
+            grad_loss, hidden, weight, target, bias, *ctx.args
+        )
+    else:
+        grads = ctx.saved_tensors
+        traced = torch.compiler.is_compiling() or type(grad_loss) is not Tensor
+        if traced or graph_is_kept():
+            grads = [g * grad_loss for g in grads]
+        elif not (grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
+            # The graph is freed after this: the saved gradients are ours to scale in place.
+            for g in grads:
+                g.mul_(grad_loss)
+    need = ctx.needs_input_grad
+    gh, gw, gb = (g if n else None for g, n in zip(grads, (need[0], need[1], need[3]), strict=True))
+    return gh, gw, None, gb, *(None,) * 9
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- module -------------------------------------------------------------------------------------
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """The loss of a classifier head without its logits: ``LinearCrossEntropyLoss()(hidden,
+    head.weight, target, head.bias)`` = ``nn.CrossEntropyLoss()(head(hidden), target)``, computed
+    by ``linear_cross_entropy`` in chunks of tokens."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_reduction(reduction)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.z_loss = check_z_loss(z_loss)
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, chunk_size={self.chunk_size}"
+        )
