@@ -6,9 +6,9 @@
 // query_lengths[b]; the rest of the row is written without being read. Two kernels per direction:
 //   warp:  Lk <= 1024. A group of G <= 32 lanes per row (several rows per warp for short rows), the
 //          row in registers, shuffle reductions: one read and one write of the row.
-//   block: one block per row. The row's values are cached in shared memory when they fit in half of
-//          an SM's (the row is read from global memory once); otherwise the first pass keeps an
-//          online (max, sum) and the second pass reads the row again.
+//   block: one block per row. The row is cached in shared memory when it takes at most half of what
+//          a block may have (then it is read from global memory once); otherwise the first pass
+//          keeps an online (max, sum) and the second pass reads the row again.
 // Global loads and stores are 16 bytes wide where the row is aligned, elementwise otherwise (any Lk
 // works); accumulation is in fp32 (fp64 for fp64); offsets are 64-bit.
 //
@@ -49,8 +49,8 @@ enum class MaskKind { kNone, kBool, kAdditive };
 
 // Occupancy: a memory-bound kernel needs about 20 KB of loads in flight per SM to saturate an
 // H100's HBM, and several resident blocks so that one block's reductions overlap another's loads.
-// The kernels use up to ~120 registers (no spills; the largest fp64/masked warp kernels more), so
-// block kernels stay at <= 256 threads to keep two or more blocks per SM.
+// The block kernels use up to ~120 registers (no spills), so they stay at <= 256 threads to keep
+// two or more blocks per SM. The warp kernels are not capped: capping them spills (ptxas -v).
 constexpr int64_t kWarpMaxLk = 1024;  // rows up to this long are held in registers
 constexpr int kWarpKernelThreads = 128;
 constexpr int kBlockMinThreads = 128;
@@ -578,8 +578,8 @@ int block_threads(int64_t packs) {
 }
 
 // Bytes of dynamic shared memory for a block kernel that caches `pack_bytes` per pack of the row,
-// or 0 when that is more than half of what a block may have: the looped kernel runs then, and an SM
-// keeps at least two cached blocks busy otherwise.
+// or 0 (run the looped kernel) when that is more than half of what a block may have: at least two
+// cached blocks stay resident per SM.
 size_t cached_smem_bytes(int64_t packs, size_t pack_bytes) {
   const size_t bytes = kReduceBytes + packs * pack_bytes;
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin / 2;
