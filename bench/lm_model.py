@@ -4,9 +4,12 @@ either spelling, and batches of real, ragged text: the lines of the Python stand
 ``TinyLM(cfg, impl="eager")`` is what people write today; ``impl="maskkern"`` swaps exactly three
 things and nothing else (same parameters, same state_dict):
 
-    embedding  nn.Embedding(V, d, padding_idx=PAD)        -> mk.nn.PadEmbedding(V, d, padding_idx=PAD)
-    attention  softmax(q·kᵀ·s .masked_fill(~keep, -inf))·v -> mk.attention(q, k, v, lengths=, causal=True)
-    loss       F.cross_entropy(logits, t, ignore_index=PAD) -> mk.nn.MaskedCrossEntropyLoss(ignore_index=PAD)
+    embedding  nn.Embedding(V, d, padding_idx=PAD)
+            -> mk.nn.PadEmbedding(V, d, padding_idx=PAD)
+    attention  F.softmax((q @ k.mT * s).masked_fill(~keep, -inf), -1) @ v
+            -> mk.attention(q, k, v, lengths=lengths, causal=True)
+    loss       F.cross_entropy(head(h), t, ignore_index=PAD)
+            -> mk.nn.LinearCrossEntropyLoss(ignore_index=PAD)(h, head.weight, t)  (no logits held)
 
 Padding, and what each spelling does with it. A batch is B lines padded with PAD to the longest.
 The eager keep-mask is the usual key-padding AND causal mask, ``(ids != PAD)[:, None, None, :] &
@@ -128,7 +131,7 @@ class TinyLM(nn.Module):
         self.cfg, self.impl = cfg, impl
         if impl == "maskkern":
             self.embed = mk.nn.PadEmbedding(VOCAB, cfg.dim, padding_idx=PAD, backend=backend)
-            self.criterion = mk.nn.MaskedCrossEntropyLoss(ignore_index=PAD, backend=backend)
+            self.criterion = mk.nn.LinearCrossEntropyLoss(ignore_index=PAD, backend=backend)
         else:
             self.embed = nn.Embedding(VOCAB, cfg.dim, padding_idx=PAD)
         self.pos = nn.Embedding(cfg.max_len, cfg.dim)
@@ -152,7 +155,7 @@ class TinyLM(nn.Module):
         """Mean next-byte cross-entropy over the real (non-PAD) targets."""
         h = self.hidden(ids, lengths).flatten(0, 1)
         if self.impl == "maskkern":
-            return self.criterion(self.head(h), targets.flatten())
+            return self.criterion(h, self.head.weight, targets.flatten())
         return F.cross_entropy(self.head(h), targets.flatten(), ignore_index=PAD)
 
 
