@@ -226,6 +226,16 @@ at::Tensor new_output(const at::Tensor& like) {
   return out;
 }
 
+// A row is read only up to its extent: after a gap, the hardware prefetcher has lost the stream
+// and the first loads of the next row wait on memory. Fetch that row while this one is computed.
+template <typename T>
+void prefetch(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) {
+    __builtin_prefetch(c + b);
+  }
+}
+
 void fill_zero(void* p, int64_t count, size_t elem_size) {
   if (count > 0) {
     std::memset(p, 0, static_cast<size_t>(count) * elem_size);  // all-zero bits = +0.0
@@ -312,9 +322,12 @@ void softmax_rows(const at::Tensor& scores, const mask_t* mask_data, at::IntArra
                     geo.query(row) * mask_strides[2];
         mask.stride = mask_strides[3];
       }
-      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, geo.key_extent(row), Lk,
-                                    static_cast<acc_t>(scale), scratch.data() + task * padded,
-                                    y + row * Lk);
+      const int64_t n = geo.key_extent(row);
+      if (n < Lk && row + 1 < end) {
+        prefetch(x + (row + 1) * Lk, geo.key_extent(row + 1));
+      }
+      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, n, Lk, static_cast<acc_t>(scale),
+                                    scratch.data() + task * padded, y + row * Lk);
     }
   });
 }
@@ -401,8 +414,12 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_i
         const auto s = static_cast<acc_type<scalar_t>>(scale);
         parallel_rows(rows, Lk, num_tasks(rows, Lk), [&](int64_t, int64_t first, int64_t end) {
           for (const auto row : c10::irange(first, end)) {
-            softmax_backward_row(g + row * Lk, y + row * Lk, geo.key_extent(row), Lk, s,
-                                 d + row * Lk);
+            const int64_t n = geo.key_extent(row);
+            if (n < Lk && row + 1 < end) {
+              prefetch(g + (row + 1) * Lk, geo.key_extent(row + 1));
+              prefetch(y + (row + 1) * Lk, geo.key_extent(row + 1));
+            }
+            softmax_backward_row(g + row * Lk, y + row * Lk, n, Lk, s, d + row * Lk);
           }
         });
       });
