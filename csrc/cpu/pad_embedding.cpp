@@ -35,6 +35,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -106,6 +107,27 @@ inline void stream_fence() {
 #endif
 }
 
+// Runs worker(claim) once on each intra-op thread; claim(task) hands out the tasks [0, tasks) one
+// at a time (an atomic counter) and returns false when none is left. On shared cores a thread that
+// is descheduled then does not hold up a fixed share of the work; which thread runs a task never
+// changes a result.
+template <typename Worker>
+void parallel_tasks(int64_t tasks, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  const auto claim = [&next, tasks](int64_t& task) {
+    task = next.fetch_add(1, std::memory_order_relaxed);
+    return task < tasks;
+  };
+  const int64_t threads = std::min<int64_t>(tasks, at::get_num_threads());
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    worker(claim);
+    stream_fence();
+  });
+}
+
+// Tasks per thread: small enough pieces that the threads finish together.
+constexpr int64_t kTasksPerThread = 8;
+
 template <typename index_t>
 inline bool in_range(index_t id, int64_t num_weights) {
   return id >= 0 && static_cast<int64_t>(id) < num_weights;
@@ -126,20 +148,23 @@ void gather_rows(const index_t* ids, int64_t N, const scalar_t* weight, int64_t 
                  scalar_t* out) {
   const auto s = static_cast<acc_type<scalar_t>>(scale);
   const bool scaled = scale != 1.0;
-  const int64_t grain = std::max<int64_t>(1, 32768 / D);
-  at::parallel_for(0, N, grain, [&](int64_t first, int64_t end) {
-    for (const auto n : c10::irange(first, end)) {
-      const index_t id = ids[n];
-      scalar_t* dst = out + n * D;
-      if (!in_range(id, num_weights) || (zero_pad && id == pad)) {
-        stream_copy(dst, nullptr, D * sizeof(scalar_t));
-      } else if (scaled) {
-        copy_scaled_row(dst, weight + static_cast<int64_t>(id) * row_stride, s, D);
-      } else {
-        stream_copy(dst, weight + static_cast<int64_t>(id) * row_stride, D * sizeof(scalar_t));
+  const int64_t min_chunk = std::max<int64_t>(1, 32768 / D);  // tokens: >= 32K elements a task
+  const int64_t chunk = std::max(min_chunk, (N + kTasksPerThread * at::get_num_threads() - 1) /
+                                                (kTasksPerThread * at::get_num_threads()));
+  parallel_tasks((N + chunk - 1) / chunk, [&](const auto& claim) {
+    for (int64_t task = 0; claim(task);) {
+      for (int64_t n = task * chunk; n < std::min(N, (task + 1) * chunk); ++n) {
+        const index_t id = ids[n];
+        scalar_t* dst = out + n * D;
+        if (!in_range(id, num_weights) || (zero_pad && id == pad)) {
+          stream_copy(dst, nullptr, D * sizeof(scalar_t));
+        } else if (scaled) {
+          copy_scaled_row(dst, weight + static_cast<int64_t>(id) * row_stride, s, D);
+        } else {
+          stream_copy(dst, weight + static_cast<int64_t>(id) * row_stride, D * sizeof(scalar_t));
+        }
       }
     }
-    stream_fence();
   });
 }
 
@@ -247,13 +272,14 @@ void reduce_rows(const scalar_t* grad, const TokensById& tokens, int64_t num_wei
   using acc_t = acc_type<scalar_t>;
   using fVec = Vectorized<acc_t>;
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_weights));
+  const int64_t tasks =
+      std::max<int64_t>(1, std::min(kTasksPerThread * at::get_num_threads(), num_weights));
   const std::vector<int64_t> splits = balanced_row_splits(tokens.offsets, tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
+  parallel_tasks(tasks, [&](const auto& claim) {
     // A row is summed in an fp32 (fp64) buffer that stays in L1, then written out once.
     std::vector<acc_t> buffer(D);
     acc_t* acc = buffer.data();
-    for (const auto task : c10::irange(first_task, end_task)) {
+    for (int64_t task = 0; claim(task);) {
       for (int64_t r = splits[task]; r < splits[task + 1]; ++r) {
         const int64_t begin = tokens.offsets[r], end = tokens.offsets[r + 1];
         scalar_t* dst = grad_weight + r * D;
@@ -280,7 +306,6 @@ void reduce_rows(const scalar_t* grad, const TokensById& tokens, int64_t num_wei
         }
       }
     }
-    stream_fence();
   });
 }
 
