@@ -55,6 +55,8 @@ def _has_native_kernel(device_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("maskkern::masked_softmax_fwd", device_key)
 
 
+# Constant for the life of the process; torch.compile must not trace the import machinery inside.
+@torch.compiler.assume_constant_result
 def backend_status(name: str) -> BackendStatus:
     """Availability of one backend on this machine (for any device it can serve)."""
     if name == "torch":
