@@ -70,8 +70,8 @@ at::Tensor empty_written_once(at::IntArrayRef sizes, const at::TensorOptions& op
 
 // Rows of the outputs are written with non-temporal (streaming) stores where 32-byte aligned: the
 // outputs are far larger than the caches and not read back here, and a streamed line skips the
-// read-for-ownership of a normal store (about a third less memory traffic). Callers end their
-// parallel chunk with stream_fence().
+// read-for-ownership of a normal store (about a third less memory traffic). Streamed stores are
+// weakly ordered: parallel_tasks ends every thread's work with stream_fence().
 inline bool can_stream(const void* dst, size_t bytes) {
 #if defined(__AVX2__)
   return reinterpret_cast<uintptr_t>(dst) % 32 == 0 && bytes % 32 == 0;
