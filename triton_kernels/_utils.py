@@ -58,8 +58,8 @@ def cast_out(x, dtype: tl.constexpr):
     """``x.to(dtype)`` rounded to nearest even, also for bf16 under the interpreter."""
     if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        # The carry could turn a NaN whose payload sits in the low bits into inf.
-        return tl.where(x != x, x.to(dtype), rounded)
+        # A NaN keeps its high half with the quiet bit set: rounding (or truncating) one whose
+        # payload sits in the low half would make it inf.
+        bits = tl.where(x != x, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)

@@ -28,12 +28,13 @@ from ._utils import cast_out, compute_dtype, num_warps, row_block, rows_per_prog
 
 @triton.jit
 def _row_extent(rows, row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS):
-    """(b, h, i, valid) of int64 row indices: batch, head, query and the count of leading keys the
-    row may see (0 for rows past the end, whose loads must all be masked off)."""
-    i = rows % Lq
+    """(b, h, i, valid) of flat row indices (b * H + h) * Lq + i, the first three as int64 (ready to
+    multiply by strides); valid = the count of leading keys a row may see, 0 where not ``row_ok``
+    (so that all its loads are masked off)."""
     bh = rows // Lq
-    h = bh % H
-    b = bh // H
+    i = (rows % Lq).to(tl.int64)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     valid = tl.where(row_ok, Lk, 0).to(tl.int64)
     if HAS_LENGTHS:
         valid = tl.minimum(valid, tl.load(lengths_ptr + b, mask=row_ok, other=0))
@@ -92,11 +93,12 @@ def _fwd_rows_kernel(
     BLOCK: tl.constexpr,  # power of two >= Lk: a whole row
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool keep-mask, 2 additive
     ROWS: tl.constexpr,  # rows per program (power of two)
+    IDX: tl.constexpr,  # tl.int32 when every row index fits: 32-bit division is much cheaper
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     b, h, i, valid = _row_extent(
-        rows, row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
+        rows.to(IDX), row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
     )
     cols = tl.arange(0, BLOCK)
     offs = rows[:, None] * Lk + cols[None, :]
@@ -127,7 +129,7 @@ def _fwd_long_kernel(
     lengths_ptr,  # int64 (B,) key counts, or None
     qlens_ptr,  # int64 (B,) query counts, or None
     scale: tl.float64,  # multiplies the scores; fp64 so that fp64 data is scaled exactly
-    n_rows,  # B * H * Lq
+    n_rows,  # B * H * Lq (the grid: one row per program)
     H,  # heads (all dims between batch and Lq)
     Lq,  # queries per (b, h)
     Lk,  # keys per row
@@ -139,9 +141,7 @@ def _fwd_long_kernel(
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool keep-mask, 2 additive
 ):
     row = tl.program_id(0).to(tl.int64)
-    b, h, i, valid = _row_extent(
-        row, row < n_rows, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
-    )
+    b, h, i, valid = _row_extent(row, True, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS)
     cols = tl.arange(0, BLOCK)
     base = row * Lk
     mask_base = b * smb + h * smh + i * smq
@@ -207,11 +207,12 @@ def _bwd_rows_kernel(
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 data
     BLOCK: tl.constexpr,  # power of two >= Lk: a whole row
     ROWS: tl.constexpr,  # rows per program (power of two)
+    IDX: tl.constexpr,  # tl.int32 when every row index fits: 32-bit division is much cheaper
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     _, _, _, valid = _row_extent(
-        rows, row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
+        rows.to(IDX), row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
     )
     cols = tl.arange(0, BLOCK)
     offs = rows[:, None] * Lk + cols[None, :]
@@ -234,7 +235,7 @@ def _bwd_long_kernel(
     lengths_ptr,  # int64 (B,) key counts, or None
     qlens_ptr,  # int64 (B,) query counts, or None
     scale: tl.float64,  # the forward's scale
-    n_rows,  # B * H * Lq
+    n_rows,  # B * H * Lq (the grid: one row per program)
     H,  # heads (all dims between batch and Lq)
     Lq,  # queries per (b, h)
     Lk,  # keys per row
@@ -245,9 +246,7 @@ def _bwd_long_kernel(
     BLOCK: tl.constexpr,  # chunk of a row (power of two, < Lk); one row per program
 ):
     row = tl.program_id(0).to(tl.int64)
-    _, _, _, valid = _row_extent(
-        row, row < n_rows, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
-    )
+    _, _, _, valid = _row_extent(row, True, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS)
     cols = tl.arange(0, BLOCK)
     base = row * Lk
 
@@ -299,7 +298,9 @@ def _launch(
     }
     if fits:
         rows = rows_per_program(block, n_rows)
-        rows_kernel[(triton.cdiv(n_rows, rows),)](*args, ROWS=rows, num_warps=num_warps(rows * block), **meta)
+        idx = tl.int32 if n_rows + rows <= 2**31 else tl.int64
+        grid = (triton.cdiv(n_rows, rows),)
+        rows_kernel[grid](*args, ROWS=rows, IDX=idx, num_warps=num_warps(rows * block), **meta)
     else:
         long_kernel[(n_rows,)](*args, num_warps=num_warps(block), **meta)
 
