@@ -119,7 +119,11 @@ def test_empty_and_flat(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_gradcheck(backend, device):
-    hidden, weight, b, target = _inputs(torch.float64, device, shape=(5,))
+    # Small on purpose: gradcheck perturbs every element of hidden, weight and bias.
+    hidden = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(6, 4, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.tensor([0, 5, -100, 2, 2], device=device)
     for reduction in ("mean", "none"):
         fn = lambda h, w, bb, reduction=reduction: mk.linear_cross_entropy(
             h,
