@@ -54,11 +54,13 @@ class LMConfig:
 
 def stdlib_lines(max_len: int) -> list[bytes]:
     """The non-blank lines (with their newline) of the stdlib's top-level .py files, in sorted file
-    order, each cut to max_len + 1 bytes (max_len inputs and their next-byte targets)."""
+    order, each cut to max_len + 1 bytes (max_len inputs and their next-byte targets). Every line
+    has at least 2 bytes, so at least one input token: no line is all padding."""
     root = Path(os.path.dirname(os.__file__))
     lines = []
     for path in sorted(root.glob("*.py")):
-        lines += [line[: max_len + 1] for line in path.read_bytes().splitlines(keepends=True) if line.strip()]
+        text = path.read_bytes().splitlines(keepends=True)
+        lines += [line[: max_len + 1] for line in text if line.strip() and len(line) >= 2]
     return lines
 
 

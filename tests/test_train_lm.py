@@ -35,6 +35,7 @@ def test_batches_are_ragged_padded_and_deterministic(data):
     ids, targets, lengths = data[0]
     L = ids.shape[1]
     assert lengths.min() < lengths.max() == L, "padded to the longest line of the batch"
+    assert min(len(line) for line in stdlib_lines(CFG.max_len)) >= 2, "every line has an input token"
     real = torch.arange(L) < lengths[:, None]
     assert (ids[real] != PAD).all() and (targets[real] != PAD).all()
     assert (ids[~real] == PAD).all() and (targets[~real] == PAD).all()
