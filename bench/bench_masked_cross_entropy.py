@@ -1,0 +1,153 @@
+"""masked_cross_entropy vs eager ``F.cross_entropy(logits, target)`` (ignored rows marked with
+ignore_index = -100) vs torch.compile of that expression (and on GPU Liger-Kernel's cross-entropy when
+importable; it writes its gradient into the logits, so it is checked before it is timed).
+
+Sweeps: vocabulary size (25% of the targets ignored; about the same number of logits at each V) and
+the ignored fraction 0/25/50/75% at the headline shape N=4096, V=32000. fp32 on CPU; bf16 on GPU.
+
+Bytes model (GB/s): fwd reads the logits of the counted rows (ignored rows need not be read);
+fwd+bwd also writes the whole logits gradient. Targets are int64, 8 bytes a row.
+
+    python bench/bench_masked_cross_entropy.py [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from _harness import Case, CaseResult, Context, Target, main, ratio
+from torch import Tensor
+
+import maskkern as mk
+from maskkern import reference
+
+KERNEL = "masked_cross_entropy"
+HEADLINE = (4096, 32000)
+
+
+def _eager(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits, target)
+
+
+def _maskkern(backend: str):
+    def fn(logits: Tensor, target: Tensor) -> Tensor:
+        return mk.masked_cross_entropy(logits, target, backend=backend)
+
+    return fn
+
+
+def _liger(ctx: Context):
+    if not ctx.on_gpu:
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError:
+        return None
+    return lambda logits, target: liger_cross_entropy(logits, target)
+
+
+def name(shape: tuple[int, int], dtype: torch.dtype, ignored: float) -> str:
+    return f"N={shape[0]} V={shape[1]} {str(dtype).removeprefix('torch.')} ignored={ignored:.0%}"
+
+
+def case(ctx: Context, shape: tuple[int, int], dtype: torch.dtype, ignored: float, sweep) -> Case:
+    n, v = shape
+    counted = n - round(n * ignored)
+
+    def inputs() -> dict:
+        logits = torch.randn(shape, dtype=dtype, device=ctx.device)
+        target = torch.randint(0, v, (n,), device=ctx.device)
+        target[torch.randperm(n, device=ctx.device)[counted:]] = -100
+        return {"logits": logits, "target": target}
+
+    es = dtype.itemsize
+    fwd = counted * v * es + 8 * n
+    plot, x_name, x = sweep
+    return Case(
+        name=name(shape, dtype, ignored),
+        x_name=x_name,
+        x=x,
+        config=dict(shape=list(shape), dtype=str(dtype).removeprefix("torch."), ignored=ignored),
+        inputs=inputs,
+        providers=ctx.providers(_maskkern, _eager, liger=_liger(ctx)),
+        reference=lambda logits, target: reference.masked_cross_entropy(logits, target),
+        grad_inputs=("logits",),
+        bytes={"fwd": fwd, "fwd+bwd": fwd + n * v * es},
+        plot=plot,
+    )
+
+
+def _dtypes(ctx: Context) -> list[torch.dtype]:
+    return [torch.bfloat16] if ctx.on_gpu else [torch.float32]
+
+
+def _vocabs(ctx: Context) -> list[int]:
+    if ctx.quick:
+        return []
+    return [4096, 32000, 50257, 128256] if ctx.on_gpu else [1024, 8192, 32000, 128256]
+
+
+def _vocab_shape(ctx: Context, v: int) -> tuple[int, int]:
+    """About 2^28 logits on GPU, 2^25 on CPU (a quarter of the headline's, to keep the sweep short)."""
+    return (max(1, (1 << (28 if ctx.on_gpu else 25)) // v), v)
+
+
+def _head_shape(ctx: Context) -> tuple[int, int]:
+    return (16384, 128256) if ctx.on_gpu else HEADLINE
+
+
+def cases(ctx: Context) -> list[Case]:
+    """Quick: the headline shape with 0/25/50% ignored. Full: also 75%, and the vocabulary sweep."""
+    out = []
+    for dtype in _dtypes(ctx):
+        d = str(dtype).removeprefix("torch.")
+        for p in [0.0, 0.25, 0.5] if ctx.quick else [0.0, 0.25, 0.5, 0.75]:
+            out.append(case(ctx, _head_shape(ctx), dtype, p, (f"ignored {d}", "ignored", p)))
+        for v in _vocabs(ctx):
+            out.append(case(ctx, _vocab_shape(ctx, v), dtype, 0.25, (f"vocab {d}", "V", v)))
+    return out
+
+
+def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
+    """fwd+bwd at the headline shape with 25% ignored: × eager and × compile (CPU) or × Liger (GPU),
+    peak memory above the inputs in logits-sized buffers; and ignoring pays (50% vs 0% ignored)."""
+    out = []
+    for dtype in _dtypes(ctx):
+        shape = _head_shape(ctx)
+        head = results.get(name(shape, dtype, 0.25))
+        label = f"masked_cross_entropy fwd+bwd {name(shape, dtype, 0.25)}"
+        logits_bytes = shape[0] * shape[1] * dtype.itemsize
+        m = head and head.times.get(("maskkern", "fwd+bwd"))
+        peak = m and m.peak_bytes is not None and m.peak_bytes / logits_bytes
+        if ctx.on_gpu:
+            liger = head and head.times.get(("liger", "fwd+bwd"))
+            out.append(Target(f"{label}: × Liger", head and head.ratio("liger", "fwd+bwd"), 1.0))
+            liger_peak = liger and liger.peak_bytes and liger.peak_bytes / logits_bytes
+            out.append(Target(f"{label}: peak memory - Liger's (logits buffers)", peak and liger_peak
+                              and peak - liger_peak, 0.0, "<=", ""))  # fmt: skip
+        else:
+            out.append(Target(f"{label}: × eager", head and head.ratio("eager", "fwd+bwd"), 3))
+            out.append(Target(f"{label}: × compile", head and head.ratio("compile", "fwd+bwd"), 2))
+        # One logits-sized buffer, plus (N,)-sized vectors (targets, per-row losses): 1% of slack.
+        out.append(
+            Target(f"{label}: peak memory above inputs (logits buffers)", peak or None, 1.01, "<=", "")
+        )
+        t50, t0 = (
+            (r := results.get(name(shape, dtype, p))) and r.p50("maskkern", "fwd+bwd") for p in (0.5, 0.0)
+        )
+        out.append(
+            Target(
+                "masked_cross_entropy ignoring pays: fwd+bwd time at 50% / 0% ignored",
+                ratio(t50, t0),
+                0.65,
+                "<=",
+                "",
+            )
+        )
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main([sys.modules[__name__]]))
