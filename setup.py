@@ -14,11 +14,9 @@ import os
 import platform
 from glob import glob
 
-from setuptools import setup
-
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
 def _env_flag(name: str) -> bool | None:

@@ -107,7 +107,5 @@ def resolve_backend(backend: str | None, device: torch.device, arg: str = "input
     if backend == "triton" and device.type == "cpu" and not triton_interpreting():
         runs_on = ("cuda",)
     if runs_on is not None and device.type not in runs_on:
-        raise ValueError(
-            f"backend {backend!r} runs on {'/'.join(runs_on)} tensors, but {arg} is on {device}"
-        )
+        raise ValueError(f"backend {backend!r} runs on {'/'.join(runs_on)} tensors, but {arg} is on {device}")
     return backend

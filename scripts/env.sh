@@ -21,7 +21,8 @@ fi
 export PY
 export PATH="$(dirname "$PY"):$PATH"  # ruff, clang-format from the same environment
 
-if ! "$PY" -c "import maskkern" >/dev/null 2>&1 || [ "${MASKKERN_REINSTALL:-0}" = 1 ]; then
+# Checked from / so that the checkout itself (the cwd) does not count as an installation.
+if ! (cd / && "$PY" -c "import maskkern.triton_kernels") >/dev/null 2>&1 || [ "${MASKKERN_REINSTALL:-0}" = 1 ]; then
   echo "[env] installing maskkern (editable) into $PY" >&2
   (cd "$ROOT" && MASKKERN_SKIP_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2)
 fi

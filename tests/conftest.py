@@ -9,10 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
-
-import maskkern  # noqa: E402
+import pytest
+from hypothesis import settings
 
 # A fixed, bounded hypothesis profile keeps the suite fast and reproducible in CI.
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)

@@ -230,7 +230,8 @@ def test_opcheck(backend, device):
     for scores, mask, lengths, qlens, causal, scale in _op_samples(device):
         for requires_grad in (False, True):
             s = scores.clone().requires_grad_(requires_grad)
-            m = mask if mask is None or mask.dtype == torch.bool else mask.clone().requires_grad_(requires_grad)
+            float_mask = mask is not None and mask.is_floating_point()
+            m = mask.clone().requires_grad_(requires_grad) if float_mask else mask
             args = (s, m, lengths, qlens, causal, scale, backend)
             torch.library.opcheck(torch.ops.maskkern.masked_softmax.default, args)
 
@@ -272,9 +273,8 @@ def test_module_matches_function():
     scores = torch.randn(B, H, LQ, LK)
     lengths = torch.tensor([4, LK])
     m = mk.nn.MaskedSoftmax(scale=0.5, causal="bottom_right")
-    torch.testing.assert_close(
-        m(scores, lengths=lengths), mk.masked_softmax(scores, lengths=lengths, scale=0.5, causal="bottom_right")
-    )
+    expected = mk.masked_softmax(scores, lengths=lengths, scale=0.5, causal="bottom_right")
+    torch.testing.assert_close(m(scores, lengths=lengths), expected)
     assert "bottom_right" in repr(m)
     with pytest.raises(ValueError, match="dim"):
         mk.nn.MaskedSoftmax(dim=1)

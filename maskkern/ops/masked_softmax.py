@@ -63,7 +63,7 @@ def masked_softmax(
     check_tensor(scores, "scores")
     check_dtype(scores, "scores", FLOAT_DTYPES)
     if scores.dim() < 2:
-        raise ValueError(f"scores must be (..., Lq, Lk) with at least 2 dims, got shape {tuple(scores.shape)}")
+        raise ValueError(f"scores must be (..., Lq, Lk) with >= 2 dims, got shape {tuple(scores.shape)}")
     if mask is not None:
         check_tensor(mask, "mask")
         if mask.dtype != torch.bool and not mask.is_floating_point():
@@ -188,7 +188,7 @@ def _(grad, out, lengths, query_lengths, causal, scale, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    scores, mask, lengths, query_lengths, causal, scale, backend = inputs
+    _, mask, lengths, query_lengths, causal, scale, backend = inputs
     ctx.save_for_backward(output, lengths, query_lengths)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.mask_shape = None if mask is None else mask.shape
