@@ -21,6 +21,8 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export PYTHONPATH="$OUT/pkg"
-# Only the native CPU kernels are instrumented: run the tests that exercise them.
-"$PY" -c "import maskkern, sys; assert maskkern.__file__.startswith('$OUT/pkg'), maskkern.__file__"
-"$PY" -m pytest tests -q -p no:cacheprovider -k "cpu-cpu or native" ${PYTEST_ARGS:-}
+# Only the native CPU kernels are instrumented: run the tests that exercise them. append: pytest
+# must not put the checkout (and its uninstrumented maskkern/_C) ahead of PYTHONPATH.
+(cd / && "$PY" -c "import maskkern; assert maskkern.__file__.startswith('$OUT/pkg'), maskkern.__file__")
+# The pytest script, not `python -m pytest`, which would put the cwd (the checkout) first on sys.path.
+"$(dirname "$PY")/pytest" tests -p no:cacheprovider --import-mode=append -k "cpu-cpu or native" ${PYTEST_ARGS:-}
