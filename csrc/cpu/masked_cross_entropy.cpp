@@ -19,7 +19,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/irange.h>
-#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +28,8 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+
+#include "cpu/fresh_memory.h"
 
 namespace maskkern {
 namespace {
@@ -155,22 +156,6 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
   }
   g[t] = static_cast<scalar_t>(std::exp(x_t - m) * coef - p.s_ce * eps * w_t -
                                p.s_ce * (1 - p.smoothing) * w_t);
-}
-
-// A fresh logits-sized gradient buffer costs one page fault per 4 KiB page on first touch, which on
-// a VM takes longer than the kernel itself (about 1 s for 512 MiB, against 0.3 s of compute).
-// Asking for transparent huge pages before the first write cuts the faults 512-fold, as PyTorch's
-// THP_MEM_ALLOC_ENABLE does for every allocation; a no-op where THP is off. Pages already touched
-// keep their size.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = 2 << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
-  if (end > begin) {
-    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice: errors ignored
-  }
-#endif
 }
 
 template <typename scalar_t>

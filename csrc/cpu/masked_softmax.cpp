@@ -23,9 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "cpu/fresh_memory.h"
 
 namespace maskkern {
 namespace {
@@ -207,26 +205,6 @@ int64_t num_tasks(int64_t rows, int64_t row_len) {
   return rows * row_len < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), rows);
 }
 
-// A new output tensor, of the same shape and options as like. The kernels are the first to touch
-// it; a large one comes straight from mmap, and faulting it in 4 KiB pages costs more than the
-// softmax itself (two fresh 32 MiB outputs: ~32 ms of CPU in 4 KiB pages, ~8 ms in 2 MiB pages;
-// the whole fwd+bwd at (4, 8, 512, 512) fp32 is ~18 ms). Ask for transparent huge pages for its
-// aligned 2 MiB blocks, as PyTorch's own allocator does under THP_MEM_ALLOC_ENABLE=1.
-at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (begin + out.nbytes()) & ~(kHugePage - 1);
-  if (end > first) {
-    // Only advice: where THP is off or the range is not a private mapping, nothing changes.
-    madvise(reinterpret_cast<void*>(first), end - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
-
 // A row is read only up to its extent: after a gap, the hardware prefetcher has lost the stream
 // and the first loads of the next row wait on memory. Fetch that row while this one is computed.
 template <typename T>
@@ -362,7 +340,7 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
                 "mask must be bool or ", scores_in.scalar_type(), ", got ", mask->scalar_type());
   }
   const at::Tensor scores = scores_in.contiguous();
-  at::Tensor out = new_output(scores);
+  at::Tensor out = empty_for_writing(scores.sizes(), scores.options());
   if (scores.numel() == 0) {
     return out;
   }
@@ -402,7 +380,7 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_i
               "grad must have out's dtype and device");
   const RowGeometry geo(out_in, lengths, query_lengths, causal);
   const at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous();
-  at::Tensor dx = new_output(out);
+  at::Tensor dx = empty_for_writing(out.sizes(), out.options());
   if (out.numel() == 0) {
     return dx;
   }
