@@ -11,6 +11,7 @@ from torch import Tensor
 
 from . import masks
 
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
