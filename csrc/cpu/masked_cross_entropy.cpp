@@ -30,39 +30,10 @@
 #include <type_traits>
 
 #include "cpu/fresh_memory.h"
+#include "cpu/vec_row.h"
 
 namespace maskkern {
 namespace {
-
-using at::vec::Vectorized;
-
-template <typename scalar_t>
-using acc_type = at::opmath_type<scalar_t>;
-
-// Elements [0, count) of p as a vector of the compute type, count <= its lanes; lanes past count
-// are 0 (callers mask them where 0 is not neutral).
-template <typename scalar_t>
-Vectorized<acc_type<scalar_t>> load(const scalar_t* p, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return Vectorized<scalar_t>::loadu(p, count);
-  } else {
-    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count)));
-  }
-}
-
-template <typename scalar_t>
-void store(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    v.store(p, count);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
-  }
-}
-
-// ATen's AVX2 polynomial exp (about 20 ulp at worst, well inside the fp32 tolerance; -inf gives
-// 0). It maps NaN to a finite value: rows with a NaN never get here (their max is NaN).
-inline Vectorized<float> fast_exp(const Vectorized<float>& x) { return x.exp_u20(); }
-inline Vectorized<double> fast_exp(const Vectorized<double>& x) { return x.exp(); }
 
 template <typename acc_t>
 struct Params {

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include "cpu/fresh_memory.h"
+#include "cpu/vec_row.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -41,11 +42,6 @@
 
 namespace maskkern {
 namespace {
-
-using at::vec::Vectorized;
-
-template <typename scalar_t>
-using acc_type = at::opmath_type<scalar_t>;
 
 // Rows of the outputs are written with non-temporal (streaming) stores where 32-byte aligned: the
 // outputs are far larger than the caches and not read back here, and a streamed line skips the
