@@ -60,7 +60,7 @@ def _extension():
     link = []
     if _env_flag("MASKKERN_SANITIZE"):
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
-        cxx += san
+        cxx += [*san, "-DMASKKERN_SANITIZE"]
         link += san
     sources = sorted(glob("csrc/*.cpp")) + sorted(glob("csrc/cpu/*.cpp"))
     kwargs = dict(

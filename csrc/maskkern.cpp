@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/output_memory.h"
+
 extern "C" {
 // `import maskkern._C` loads this shared object, which runs the static registrations below.
 PyObject* PyInit__C(void) {
@@ -15,6 +17,13 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(maskkern, m) {
+  // The CPU output cache (csrc/cpu/output_memory.h): an uninitialised contiguous CPU tensor for a
+  // kernel to fill, and the release of every cached block (returns the bytes released).
+  m.def("empty_for_writing(int[] size, ScalarType dtype) -> Tensor",
+        [](at::IntArrayRef size, at::ScalarType dtype) {
+          return maskkern::empty_for_writing(size, at::TensorOptions().dtype(dtype));
+        });
+  m.def("empty_cache() -> int", &maskkern::empty_cache);
   // masked_softmax: scores (B, H, Lq, Lk); mask None or (B, H, Lq, Lk) read through its strides
   // (bool: true = keep, or scores' float dtype: added after scaling); lengths/query_lengths None
   // or int64 (B,); causal 0 = none, 1 = top-left, 2 = bottom-right. Returns a contiguous tensor.
@@ -49,4 +58,7 @@ TORCH_LIBRARY(maskkern, m) {
       "masked_cross_entropy_fwd(Tensor logits, Tensor target, Tensor valid, Tensor? weight, "
       "float label_smoothing, float z_loss, Tensor? grad_scale, Tensor(a!)? grad) "
       "-> (Tensor, Tensor)");
+  // grad (N, C) contiguous *= grad_loss (1 or N values in the compute dtype) on the rows where
+  // valid (N,) is true; the other rows (zeros) are left as they are.
+  m.def("masked_cross_entropy_scale_(Tensor(a!) grad, Tensor valid, Tensor grad_loss) -> ()");
 }

@@ -10,6 +10,7 @@ _backend._load_extension()  # loads maskkern._C (its TORCH_LIBRARY) before the o
 
 from . import masks, nn, reference  # noqa: E402
 from ._backend import BackendStatus, backends  # noqa: E402
+from .memory import empty_cache  # noqa: E402
 from .ops import attention, linear_cross_entropy, masked_cross_entropy, masked_softmax, pad_embedding  # noqa: E402
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "BackendStatus",
     "attention",
     "backends",
+    "empty_cache",
     "linear_cross_entropy",
     "masked_cross_entropy",
     "masked_softmax",

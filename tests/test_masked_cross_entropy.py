@@ -317,7 +317,10 @@ def test_opcheck(backend, device):
             args = (x.clone().requires_grad_(requires_grad), *rest, requires_grad, backend)
             torch.library.opcheck(torch.ops.maskkern.masked_cross_entropy.default, args)
     grad_rows, grad_loss = torch.randn(6, C, device=device), torch.randn(6, device=device)
-    torch.library.opcheck(torch.ops.maskkern.masked_cross_entropy_backward.default, (grad_rows, grad_loss))
+    valid = torch.tensor([True, False, True, True, False, True], device=device)
+    backward = torch.ops.maskkern.masked_cross_entropy_backward.default
+    torch.library.opcheck(backward, (grad_rows, grad_loss, valid))
+    torch.library.opcheck(backward, (grad_rows, grad_loss[0], valid))
 
 
 def test_opcheck_native_kernel():
@@ -330,6 +333,41 @@ def test_opcheck_native_kernel():
     torch.library.opcheck(op, (x, t, valid, None, 0.0, 0.0, None, None))
     scales = torch.tensor([0.2, 0.25])
     torch.library.opcheck(op, (x, t, valid, torch.rand(C), 0.1, 0.01, scales, torch.empty(6, C)))
+    scale_ = torch.ops.maskkern.masked_cross_entropy_scale_.default
+    torch.library.opcheck(scale_, (torch.randn(6, C), valid, torch.randn(6)))
+    torch.library.opcheck(scale_, (torch.randn(6, C, dtype=torch.float16), valid, torch.tensor([0.5])))
+
+
+def test_native_scale_skips_rows_that_do_not_count():
+    """The in-place backward kernel scales the counted rows (one rounding from fp32, as torch's
+    multiply) and leaves the others untouched, whatever their factor."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip("maskkern._C not built")
+    valid = torch.tensor([True, False, True, True])
+    for dtype in FLOAT_DTYPES:
+        grad = torch.randn(4, 37, dtype=torch.float64).to(dtype)
+        grad[1] = 7  # a row that does not count: left as it is
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        factors = torch.tensor([0.3, float("inf"), 1.0, -2.5], dtype=cdt)
+        expected = torch.where(valid[:, None], (grad.to(cdt) * factors[:, None]).to(dtype), grad)
+        torch.ops.maskkern.masked_cross_entropy_scale_(grad, valid, factors)
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("keep_graph", [False, True])
+def test_inf_incoming_gradient_at_ignored_rows(backend, device, keep_graph):
+    """Eager gives an ignored row a zero gradient whatever the incoming gradient holds there:
+    so must we, on the in-place and the out-of-place backward (no 0 * inf = NaN)."""
+    x = _logits((5, C), torch.float32, device)
+    t = torch.tensor([1, -100, 3, -100, 0], device=device)
+    g = torch.tensor([0.5, float("inf"), -1.0, float("nan"), 2.0], device=device)
+    ours = mk.masked_cross_entropy(x, t, reduction="none", backend=backend)
+    (dx,) = torch.autograd.grad(ours, x, g, retain_graph=keep_graph)
+    eager = F.cross_entropy(x, t, reduction="none")
+    (dx_eager,) = torch.autograd.grad(eager, x, g)
+    assert torch.equal(dx[1], torch.zeros_like(dx[1])) and torch.equal(dx[3], torch.zeros_like(dx[3]))
+    torch.testing.assert_close(dx, dx_eager, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

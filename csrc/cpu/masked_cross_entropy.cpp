@@ -2,14 +2,17 @@
 // csrc/maskkern.cpp; the reduction over rows is done by the caller on (N,)-sized tensors.
 //
 // A row that does not count is never read: its ce and lse are 0 and its gradient row zeros. A
-// counted row makes three passes over its logits, the first from memory and the next two from
-// L1/L2 (a 32000-class fp32 row is 125 KiB): the max; then sum(exp(x - max)) and, with label
-// smoothing, sum(w_c * (max - x_c)) (both terms of the smoothing sum are >= 0: no cancellation);
-// then the gradient p_c * coef - s_ce * eps/C * w_c, stored in the logits' dtype, with the target's
-// element recomputed in fp32 (fp64) so that its (1-eps) * w_y is subtracted before the one
-// rounding. Math in fp32 for half inputs, fp64 for fp64. Rows run in parallel with
-// at::parallel_for; each output element is written by one thread in a fixed order: the result is
-// deterministic.
+// counted row makes two passes over its logits, the first from memory and the second from L1/L2
+// (a 32000-class fp32 row is 125 KiB): the max; then e = exp(x - max) kept in a per-thread fp32
+// (fp64) scratch row, sum(e) and, with label smoothing, sum(w_c * (max - x_c)) (both terms of the
+// smoothing sum are >= 0: no cancellation). The gradient e_c * coef - s_ce * eps/C * w_c is then
+// made from the scratch (one exp per logit, not two) and stored in the logits' dtype, with the
+// target's element recomputed in fp32 (fp64) so that its (1-eps) * w_y is subtracted before the
+// one rounding. A gradient larger than kStreamBytes comes from the output cache (the caller
+// allocates it with maskkern::empty_for_writing) and is written with streaming stores: the row is
+// finished in the scratch, then streamed out (stream_store.h). Math in fp32 for half inputs, fp64
+// for fp64. Rows run in parallel with at::parallel_for; each output element is written by one
+// thread in a fixed order: the result is deterministic.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,8 +31,9 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
-#include "cpu/fresh_memory.h"
+#include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
 
 namespace maskkern {
@@ -47,9 +51,11 @@ struct Params {
   acc_t s_ce, s_z;  // grad_scale
 };
 
+// e: scratch of C acc_t rounded up to whole vectors.
 template <typename scalar_t>
 void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const scalar_t* x,
-                       acc_type<scalar_t>* ce, acc_type<scalar_t>* lse, scalar_t* g) {
+                       acc_type<scalar_t>* ce, acc_type<scalar_t>* lse, acc_type<scalar_t>* e,
+                       scalar_t* g, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t lanes = Vec::size();
@@ -59,7 +65,9 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
   const int64_t t = p.target[i];
   if (!p.valid[i]) {
     ce[i] = lse[i] = 0;
-    if (g != nullptr) {
+    if (g != nullptr && stream) {
+      stream_copy(g, nullptr, static_cast<size_t>(C) * sizeof(scalar_t));
+    } else if (g != nullptr) {
       std::memset(g, 0, static_cast<size_t>(C) * sizeof(scalar_t));  // all-zero bits = +0.0
     }
     return;
@@ -88,7 +96,9 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
   for (int64_t j = 0; j < C; j += lanes) {
     const int64_t count = std::min(lanes, C - j);
     const Vec v = load(x + j, count);
-    vsum = vsum + Vec::set(zero, fast_exp(v - vm), count);
+    const Vec ej = Vec::set(zero, fast_exp(v - vm), count);
+    ej.store(e + j);
+    vsum = vsum + ej;
     if (smooth) {
       const Vec d = Vec::set(zero, vm - v, count);
       vsmooth = vsmooth + (p.weight != nullptr ? d * Vec::loadu(p.weight + j, count) : d);
@@ -116,17 +126,23 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
   const acc_t coef =
       (p.s_ce * ((1 - p.smoothing) * w_t + eps * p.weight_sum) + p.s_z * 2 * p.z_loss * row_lse) /
       sum;
+  // Streaming, the row is finished in place in e (a scalar_t never outgrows its acc_t: each store
+  // lands on elements already read).
+  scalar_t* row = stream ? reinterpret_cast<scalar_t*>(e) : g;
   const Vec vcoef(coef), veps(p.s_ce * eps);
   for (int64_t j = 0; j < C; j += lanes) {
     const int64_t count = std::min(lanes, C - j);
-    Vec d = fast_exp(load(x + j, count) - vm) * vcoef;
+    Vec d = Vec::loadu(e + j) * vcoef;
     if (smooth) {
       d = d - (p.weight != nullptr ? veps * Vec::loadu(p.weight + j, count) : veps);
     }
-    store(g + j, d, count);
+    store(row + j, d, count);
   }
-  g[t] = static_cast<scalar_t>(std::exp(x_t - m) * coef - p.s_ce * eps * w_t -
-                               p.s_ce * (1 - p.smoothing) * w_t);
+  row[t] = static_cast<scalar_t>(std::exp(x_t - m) * coef - p.s_ce * eps * w_t -
+                                 p.s_ce * (1 - p.smoothing) * w_t);
+  if (stream) {
+    stream_copy(g, row, static_cast<size_t>(C) * sizeof(scalar_t));
+  }
 }
 
 template <typename scalar_t>
@@ -156,18 +172,19 @@ void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, cons
   }
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   scalar_t* g = grad.has_value() ? grad->mutable_data_ptr<scalar_t>() : nullptr;
-  if (g != nullptr && !logits.is_same(*grad)) {
-    advise_huge_pages(g, static_cast<size_t>(N * C) * sizeof(scalar_t));
-  }
   acc_t* ce_ptr = ce.mutable_data_ptr<acc_t>();
   acc_t* lse_ptr = lse.mutable_data_ptr<acc_t>();
+  const bool stream = g != nullptr && worth_streaming(grad->nbytes());
+  constexpr int64_t lanes = Vectorized<acc_t>::size();
   // About 32K elements per task: below that a second thread costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, N, grain, [&](int64_t first, int64_t end) {
+    std::vector<acc_t> scratch(static_cast<size_t>((C + lanes - 1) / lanes * lanes));
     for (const auto i : c10::irange(first, end)) {
-      cross_entropy_row<scalar_t>(p, i, x + i * p.row_stride, ce_ptr, lse_ptr,
-                                  g == nullptr ? nullptr : g + i * C);
+      cross_entropy_row<scalar_t>(p, i, x + i * p.row_stride, ce_ptr, lse_ptr, scratch.data(),
+                                  g == nullptr ? nullptr : g + i * C, stream);
     }
+    stream_fence();
   });
 }
 
@@ -221,10 +238,47 @@ std::tuple<at::Tensor, at::Tensor> masked_cross_entropy_fwd(
   return {ce, lse};
 }
 
+// Backward: the saved gradient rows scaled in place by the incoming gradient. Rows that do not
+// count are zeros and are not touched — their gradient stays 0 whatever grad_loss holds there (an
+// inf would make 0 * inf = NaN), as in eager — and a factor of 1 (loss.backward()) skips the row.
+void masked_cross_entropy_scale_(at::Tensor& grad, const at::Tensor& valid_in,
+                                 const at::Tensor& grad_loss_in) {
+  TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 2 && grad.is_contiguous(),
+              "grad must be a contiguous (N, C) CPU tensor, got shape ", grad.sizes());
+  const int64_t N = grad.size(0), C = grad.size(1);
+  check_optional_vector(valid_in, "valid", N, at::kBool);
+  const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_loss_in.device().is_cpu() && grad_loss_in.scalar_type() == acc &&
+                  (grad_loss_in.numel() == 1 || grad_loss_in.numel() == N),
+              "grad_loss must hold 1 or N = ", N, " values of dtype ", acc, ", got shape ",
+              grad_loss_in.sizes(), " and dtype ", grad_loss_in.scalar_type());
+  const at::Tensor valid = valid_in.contiguous(), grad_loss = grad_loss_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "masked_cross_entropy_scale_", [&] {
+        using acc_t = acc_type<scalar_t>;
+        using Vec = Vectorized<acc_t>;
+        scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+        const bool* keep = valid.const_data_ptr<bool>();
+        const acc_t* factor = grad_loss.const_data_ptr<acc_t>();
+        const int64_t factor_stride = grad_loss.numel() == 1 ? 0 : 1;
+        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+        at::parallel_for(0, N, grain, [&](int64_t first, int64_t end) {
+          for (const auto i : c10::irange(first, end)) {
+            const acc_t f = factor[i * factor_stride];
+            if (keep[i] && f != acc_t(1)) {
+              // One rounding from the compute type, as torch's multiply.
+              at::vec::map([f](Vec x) { return x * Vec(f); }, g + i * C, g + i * C, C);
+            }
+          }
+        });
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskkern, CPU, m) {
   m.impl("masked_cross_entropy_fwd", &masked_cross_entropy_fwd);
+  m.impl("masked_cross_entropy_scale_", &masked_cross_entropy_scale_);
 }
 
 }  // namespace maskkern

@@ -6,6 +6,10 @@
 // z = scores * scale (+ additive, or -inf where the bool mask drops a key) and its max, then
 // e = exp(z - max) and its sum, then y = e / sum stored in scores' dtype. The backward reads Y and
 // dY only on [0, n) too: Y is zero beyond it.
+//
+// Outputs come from the output cache (output_memory.h); those larger than kStreamBytes are written
+// with streaming stores (stream_store.h): a row is finished in the L1 scratch, then streamed out
+// with its zero tail.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,7 +27,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/fresh_memory.h"
+#include "cpu/output_memory.h"
+#include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
 
 namespace maskkern {
@@ -148,7 +153,7 @@ class RowGeometry {
 // task takes every tasks-th block of rows. f(task, first_row, end_row).
 template <typename F>
 void parallel_rows(int64_t rows, int64_t row_len, int64_t tasks, const F& f) {
-  constexpr int64_t kBlockElems = 4096;
+  constexpr int64_t kBlockElems = 16384;  // long enough runs of rows for the prefetch
   const int64_t block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(row_len, 1));
   const int64_t blocks = (rows + block - 1) / block;
   at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t end) {
@@ -157,6 +162,7 @@ void parallel_rows(int64_t rows, int64_t row_len, int64_t tasks, const F& f) {
         f(task, blk * block, std::min(rows, (blk + 1) * block));
       }
     }
+    stream_fence();
   });
 }
 
@@ -166,19 +172,47 @@ int64_t num_tasks(int64_t rows, int64_t row_len) {
   return rows * row_len < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), rows);
 }
 
-// A row is read only up to its extent: after a gap, the hardware prefetcher has lost the stream
-// and the first loads of the next row wait on memory. Fetch that row while this one is computed.
+// A row is read only up to its extent: after each gap the hardware prefetcher must find the
+// stream again, and the first loads of the row wait on memory (reading the first half of every
+// 2 KiB row took 1.6x the time of reading all of it). So a partial row is fetched kPrefetchRows
+// rows before it is read: one row ahead is not enough to cover the memory latency.
+constexpr int64_t kPrefetchRows = 4;
+
 template <typename T>
-void prefetch(const T* p, int64_t count) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) {
-    __builtin_prefetch(c + b);
+void prefetch_row(const T* base, const RowGeometry& geo, int64_t row) {
+  const int64_t n = geo.key_extent(row);
+  if (n < geo.row_len()) {
+    const char* c = reinterpret_cast<const char*>(base + row * geo.row_len());
+    for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) {
+      __builtin_prefetch(c + b);
+    }
   }
 }
 
-void fill_zero(void* p, int64_t count, size_t elem_size) {
-  if (count > 0) {
-    std::memset(p, 0, static_cast<size_t>(count) * elem_size);  // all-zero bits = +0.0
+// Calls f(row) for the rows [first, end) in order, with prefetch(row) kPrefetchRows rows ahead.
+template <typename Prefetch, typename F>
+void rows_prefetched(int64_t first, int64_t end, const Prefetch& prefetch, const F& f) {
+  for (int64_t row = first; row < std::min(end, first + kPrefetchRows); ++row) {
+    prefetch(row);
+  }
+  for (int64_t row = first; row < end; ++row) {
+    if (row + kPrefetchRows < end) {
+      prefetch(row + kPrefetchRows);
+    }
+    f(row);
+  }
+}
+
+// dst[0, n) = row[0, n) and dst[n, Lk) = 0 (all-zero bits = +0.0). Unless streaming, the row was
+// computed in dst itself and only the tail is written.
+template <typename scalar_t>
+void write_row(scalar_t* dst, const scalar_t* row, int64_t n, int64_t Lk, bool stream) {
+  const auto bytes = [](int64_t count) { return static_cast<size_t>(count) * sizeof(scalar_t); };
+  if (stream) {
+    stream_copy(dst, row, bytes(n));
+    stream_copy(dst + n, nullptr, bytes(Lk - n));
+  } else if (Lk > n) {
+    std::memset(dst + n, 0, bytes(Lk - n));
   }
 }
 
@@ -197,7 +231,7 @@ void check_scores(const at::Tensor& t, const char* name) {
 // whole vectors.
 template <typename scalar_t, typename mask_t>
 void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int64_t Lk,
-                 acc_type<scalar_t> scale, acc_type<scalar_t>* z, scalar_t* y) {
+                 acc_type<scalar_t> scale, acc_type<scalar_t>* z, scalar_t* y, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t lanes = Vec::size();
@@ -221,7 +255,7 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
       [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
 
   if (max == kNegInf) {  // nothing left in the row
-    fill_zero(y, Lk, sizeof(scalar_t));
+    write_row<scalar_t>(y, nullptr, 0, Lk, stream);
     return;
   }
   if (std::isnan(max) || max == -kNegInf) {
@@ -236,11 +270,14 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
     return e;
   });
 
+  // When streaming, the row is finished in place in z (a scalar_t never outgrows its acc_t:
+  // each store lands on elements already read).
   const Vec inv(acc_t(1) / sum);
+  scalar_t* row = stream ? reinterpret_cast<scalar_t*>(z) : y;
   for (int64_t j = 0; j < n; j += lanes) {
-    store(y + j, Vec::loadu(z + j) * inv, std::min(lanes, n - j));
+    store(row + j, Vec::loadu(z + j) * inv, std::min(lanes, n - j));
   }
-  fill_zero(y + n, Lk - n, sizeof(scalar_t));
+  write_row(y, row, n, Lk, stream);
 }
 
 template <typename scalar_t, typename mask_t>
@@ -253,22 +290,21 @@ void softmax_rows(const at::Tensor& scores, const mask_t* mask_data, at::IntArra
   std::vector<acc_t> scratch(static_cast<size_t>(tasks * padded));
   const scalar_t* x = scores.const_data_ptr<scalar_t>();
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
+  const bool stream = worth_streaming(out.nbytes());
 
   parallel_rows(rows, Lk, tasks, [&](int64_t task, int64_t first, int64_t end) {
-    for (const auto row : c10::irange(first, end)) {
+    const auto prefetch = [&](int64_t row) { prefetch_row(x, geo, row); };
+    rows_prefetched(first, end, prefetch, [&](int64_t row) {
       MaskRow<mask_t> mask{mask_data, 0};
       if constexpr (!std::is_same_v<mask_t, NoMask>) {
         mask.ptr += geo.batch(row) * mask_strides[0] + geo.head(row) * mask_strides[1] +
                     geo.query(row) * mask_strides[2];
         mask.stride = mask_strides[3];
       }
-      const int64_t n = geo.key_extent(row);
-      if (n < Lk && row + 1 < end) {
-        prefetch(x + (row + 1) * Lk, geo.key_extent(row + 1));
-      }
-      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, n, Lk, static_cast<acc_t>(scale),
-                                    scratch.data() + task * padded, y + row * Lk);
-    }
+      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, geo.key_extent(row), Lk,
+                                    static_cast<acc_t>(scale), scratch.data() + task * padded,
+                                    y + row * Lk, stream);
+    });
   });
 }
 
@@ -313,21 +349,23 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
 
 // --- backward ----------------------------------------------------------------------------------
 
-// dx = scale * y * (g - sum(y * g)) on [0, n); zeros beyond, where y is 0.
+// dx = scale * y * (g - sum(y * g)) on [0, n); zeros beyond, where y is 0. When streaming, the
+// row is finished in scratch (n elements) first.
 template <typename scalar_t>
 void softmax_backward_row(const scalar_t* g, const scalar_t* y, int64_t n, int64_t Lk,
-                          acc_type<scalar_t> scale, scalar_t* dx) {
+                          acc_type<scalar_t> scale, scalar_t* scratch, scalar_t* dx, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t lanes = Vec::size();
   const Vec dot(row_sum<acc_t>(n, [&](int64_t j, int64_t count) {
     return load(y + j, count) * load(g + j, count);  // lanes past the row are 0
   }));
+  scalar_t* row = stream ? scratch : dx;
   for (int64_t j = 0; j < n; j += lanes) {
     const int64_t count = std::min(lanes, n - j);
-    store(dx + j, Vec(scale) * load(y + j, count) * (load(g + j, count) - dot), count);
+    store(row + j, Vec(scale) * load(y + j, count) * (load(g + j, count) - dot), count);
   }
-  fill_zero(dx + n, Lk - n, sizeof(scalar_t));
+  write_row(dx, row, n, Lk, stream);
 }
 
 at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_in,
@@ -346,21 +384,24 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_i
     return dx;
   }
   const int64_t Lk = geo.row_len(), rows = out.numel() / Lk;
+  const int64_t tasks = num_tasks(rows, Lk);
+  const bool stream = worth_streaming(dx.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "masked_softmax_backward", [&] {
         const scalar_t* g = grad.const_data_ptr<scalar_t>();
         const scalar_t* y = out.const_data_ptr<scalar_t>();
         scalar_t* d = dx.mutable_data_ptr<scalar_t>();
         const auto s = static_cast<acc_type<scalar_t>>(scale);
-        parallel_rows(rows, Lk, num_tasks(rows, Lk), [&](int64_t, int64_t first, int64_t end) {
-          for (const auto row : c10::irange(first, end)) {
-            const int64_t n = geo.key_extent(row);
-            if (n < Lk && row + 1 < end) {
-              prefetch(g + (row + 1) * Lk, geo.key_extent(row + 1));
-              prefetch(y + (row + 1) * Lk, geo.key_extent(row + 1));
-            }
-            softmax_backward_row(g + row * Lk, y + row * Lk, n, Lk, s, d + row * Lk);
-          }
+        std::vector<scalar_t> scratch(stream ? static_cast<size_t>(tasks * Lk) : 0);
+        parallel_rows(rows, Lk, tasks, [&](int64_t task, int64_t first, int64_t end) {
+          const auto prefetch = [&](int64_t row) {
+            prefetch_row(g, geo, row);
+            prefetch_row(y, geo, row);
+          };
+          rows_prefetched(first, end, prefetch, [&](int64_t row) {
+            softmax_backward_row(g + row * Lk, y + row * Lk, geo.key_extent(row), Lk, s,
+                                 scratch.data() + task * Lk, d + row * Lk, stream);
+          });
         });
       });
   return dx;

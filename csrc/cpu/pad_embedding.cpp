@@ -11,10 +11,8 @@
 // bits on every run and for any thread count, and for fp32/fp64 with scale 1 it is bit-identical
 // to PyTorch's CPU backward (which also adds the tokens in order, starting from zero).
 //
-// Both outputs are large, freshly allocated and written exactly once: their page faults (the OS
-// zeroing 4 KiB at a time) cost more than the kernels themselves, so they are allocated with a
-// transparent-huge-page hint (see empty_written_once), and whole rows are written with
-// non-temporal stores (see stream_copy).
+// Both outputs are large and written exactly once: they come from the output cache (see
+// output_memory.h), and whole rows are written with non-temporal stores (see stream_store.h).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,13 +24,6 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
-#include "cpu/fresh_memory.h"
-#include "cpu/vec_row.h"
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -40,47 +31,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/output_memory.h"
+#include "cpu/stream_store.h"
+#include "cpu/vec_row.h"
+
 namespace maskkern {
 namespace {
-
-// Rows of the outputs are written with non-temporal (streaming) stores where 32-byte aligned: the
-// outputs are far larger than the caches and not read back here, and a streamed line skips the
-// read-for-ownership of a normal store (about a third less memory traffic). Streamed stores are
-// weakly ordered: parallel_tasks ends every thread's work with stream_fence().
-inline bool can_stream(const void* dst, size_t bytes) {
-#if defined(__AVX2__)
-  return reinterpret_cast<uintptr_t>(dst) % 32 == 0 && bytes % 32 == 0;
-#else
-  (void)dst, (void)bytes;
-  return false;
-#endif
-}
-
-// dst[0, bytes) = src[0, bytes), or zeros when src is null.
-inline void stream_copy(void* dst, const void* src, size_t bytes) {
-#if defined(__AVX2__)
-  if (can_stream(dst, bytes)) {
-    auto* d = static_cast<__m256i*>(dst);
-    const auto* s = static_cast<const __m256i*>(src);
-    const __m256i zero = _mm256_setzero_si256();
-    for (size_t i = 0; i < bytes / 32; ++i) {
-      _mm256_stream_si256(d + i, s ? _mm256_loadu_si256(s + i) : zero);
-    }
-    return;
-  }
-#endif
-  if (src) {
-    std::memcpy(dst, src, bytes);
-  } else {
-    std::memset(dst, 0, bytes);
-  }
-}
-
-inline void stream_fence() {
-#if defined(__AVX2__)
-  _mm_sfence();
-#endif
-}
 
 // Runs worker(claim) once on each intra-op thread; claim(task) hands out the tasks [0, tasks) one
 // at a time (an atomic counter) and returns false when none is left. On shared cores a thread that

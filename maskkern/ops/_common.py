@@ -57,3 +57,13 @@ def check_nonnegative_values(x: Tensor | None, name: str) -> None:
     a torch.compile graph (on CUDA it synchronises)."""
     if x is not None and x.numel() and bool((x < 0).any()):
         raise ValueError(f"{name} must be >= 0, got min {int(x.min())}")
+
+
+def empty_output(
+    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device, backend: str
+) -> Tensor:
+    """An uninitialised contiguous tensor for a kernel to fill: on the ``cpu`` backend from the C++
+    output cache (csrc/cpu/output_memory.h), whose blocks are already faulted in."""
+    if backend == "cpu":
+        return torch.ops.maskkern.empty_for_writing(list(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -18,12 +18,15 @@ target range check.
 
 Memory: forward allocates one logits-sized buffer, the gradient — or, when the logits had to be
 copied to rows (class dim not last, or strided), computes the gradient in place in that copy.
-Backward multiplies that saved buffer in place by the incoming gradient (per row under "none";
-skipped on CPU when it is 1) and hands it on, since the graph is freed after it: fwd+bwd hold one
-logits-sized buffer beyond the input. When the graph is kept (retain_graph, gradcheck) or traced
-(torch.compile), ``maskkern::masked_cross_entropy_backward`` — a torch broadcast multiply, no
-kernel needed — multiplies out of place instead, so that another backward sees the buffer
-unchanged. The loss is not twice differentiable.
+Backward multiplies that saved buffer in place by the incoming gradient (per row under "none") and
+hands it on, since the graph is freed after it: fwd+bwd hold one logits-sized buffer beyond the
+input. Rows that do not count keep their zero gradient whatever the incoming gradient holds there
+(0 · inf would be NaN; eager gives 0); on the ``cpu`` backend the C++ kernel does not even touch
+them, nor rows whose factor is 1 (loss.backward()). When the graph is kept (retain_graph,
+gradcheck) or traced (torch.compile), ``maskkern::masked_cross_entropy_backward`` — a torch
+broadcast multiply, no kernel needed — multiplies out of place instead, so that another backward
+sees the buffer unchanged. The loss is not twice differentiable. On the ``cpu`` backend the buffer
+comes from the C++ output cache (csrc/cpu/output_memory.h), already faulted in.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ._common import (
     check_index_dtype,
     check_same_device,
     check_tensor,
+    empty_output,
 )
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -253,7 +257,7 @@ def _masked_cross_entropy_op(
     if compute_grad:
         # Our own copy of the logits is overwritten by their gradient: no second buffer.
         owned = rows.numel() > 0 and not shares_memory(rows, input)
-        grad = rows if owned else torch.empty(rows.shape, dtype=input.dtype, device=input.device)
+        grad = rows if owned else empty_output(rows.shape, input.dtype, input.device, backend)
     denominators = mean_denominators(valid, row_weight) if reduction == "mean" else None
     if rows.numel() == 0:
         ce = lse = torch.zeros(t.shape, dtype=cdt, device=input.device)
@@ -275,25 +279,32 @@ def _(input, target, weight, mask, ignore_index, reduction, label_smoothing, z_l
 
 
 @torch.library.custom_op("maskkern::masked_cross_entropy_backward", mutates_args=())
-def _masked_cross_entropy_backward_op(grad_rows: Tensor, grad_loss: Tensor) -> Tensor:
-    """grad_rows (N, C) * grad_loss, a scalar or (N,) (one factor per row): a torch broadcast
-    multiply, one rounding from fp32; out of place, so the saved buffer stays valid for another
-    backward through the same graph."""
-    return grad_rows * grad_loss.reshape(-1, 1)
+def _masked_cross_entropy_backward_op(grad_rows: Tensor, grad_loss: Tensor, valid: Tensor) -> Tensor:
+    """grad_rows (N, C) * grad_loss, a scalar or (N,) (one factor per row), on the rows where valid
+    (N,) holds, the others left zero: a torch broadcast multiply, one rounding from fp32; out of
+    place, so the saved buffer stays valid for another backward through the same graph."""
+    return grad_rows * row_factors(grad_loss, valid)
 
 
 @_masked_cross_entropy_backward_op.register_fake
-def _(grad_rows, grad_loss):
+def _(grad_rows, grad_loss, valid):
     return torch.empty_like(grad_rows)
 
 
+def row_factors(grad_loss: Tensor, valid: Tensor) -> Tensor:
+    """(N, 1): the incoming gradient of each row, 0 on rows that do not count (their gradient
+    rows are zeros, and 0 · inf would be NaN)."""
+    return torch.where(valid, grad_loss.reshape(-1), 0).reshape(-1, 1)
+
+
 def _setup_context(ctx, inputs, output):
-    input, *_, compute_grad, _ = inputs
+    input, target, _, mask, ignore_index, *_, compute_grad, backend = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)  # else autograd allocates a zero logits-sized grad for it
-    ctx.save_for_backward(grad)
+    ctx.save_for_backward(grad, target, mask)
     ctx.input_shape, ctx.compute_grad = input.shape, compute_grad
+    ctx.ignore_index, ctx.backend = ignore_index, backend
 
 
 def graph_is_kept() -> bool:
@@ -310,17 +321,20 @@ def _backward(ctx, grad_loss, _grad_rows):
         raise RuntimeError(
             "masked_cross_entropy ran with grad disabled for input, so its gradient was not computed"
         )
-    (grad,) = ctx.saved_tensors
+    grad, target, mask = ctx.saved_tensors
+    valid = target.reshape(-1) != ctx.ignore_index
+    if mask is not None:
+        valid &= mask.reshape(-1)
     traced = torch.compiler.is_compiling() or type(grad_loss) is not Tensor
     if traced or graph_is_kept():
-        dx = torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss)
+        dx = torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss, valid)
         return (from_rows(dx, ctx.input_shape), *(None,) * 9)
-    # The graph is freed after this: the buffer is ours to scale in place and hand on. On CPU a
-    # unit gradient (loss.backward()) is seen for free and saves the pass; on CUDA seeing it
-    # would synchronise, so the multiply runs.
-    g = grad_loss.reshape(-1, 1)
-    if not (g.device.type == "cpu" and g.numel() == 1 and bool(g == 1)):
-        grad.mul_(g)
+    # The graph is freed after this: the buffer is ours to scale in place and hand on.
+    if ctx.backend == "cpu":
+        factors = grad_loss.reshape(-1).to(compute_dtype(grad.dtype))
+        torch.ops.maskkern.masked_cross_entropy_scale_(grad, valid, factors)
+    else:
+        grad.mul_(row_factors(grad_loss, valid))
     return (from_rows(grad, ctx.input_shape), *(None,) * 9)
 
 
@@ -335,6 +349,10 @@ def _register_native_fakes() -> None:
     def _(logits, target, valid, weight, label_smoothing, z_loss, grad_scale, grad):
         cdt = compute_dtype(logits.dtype)
         return logits.new_empty(target.shape, dtype=cdt), logits.new_empty(target.shape, dtype=cdt)
+
+    @torch.library.register_fake("maskkern::masked_cross_entropy_scale_")
+    def _(grad, valid, grad_loss):
+        return None
 
 
 # --- module -------------------------------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""The CPU output cache of maskkern's C++ kernels (csrc/cpu/output_memory.h).
+
+Large CPU outputs (1 MiB and up) of the ``cpu`` backend come from a cache of blocks that earlier
+outputs gave back, so that a training loop, which asks for the same sizes every step, does not pay
+the OS to fault in and zero fresh pages on every call (that cost more than the kernels themselves).
+It is the CPU counterpart of PyTorch's CUDA caching allocator: freed blocks are kept, up to
+``MASKKERN_CPU_CACHE_MB`` MiB (read when the first output is made; default 1024, 0 turns the
+cache off), the least recently freed unmapped first. Blocks in use are reported to the PyTorch
+profiler as allocations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import native_extension_loaded
+
+
+def empty_cache() -> int:
+    """Unmaps every cached block (blocks in use are not affected); returns the bytes released.
+
+    The CPU counterpart of ``torch.cuda.empty_cache()``; 0 when maskkern._C is not loaded.
+    """
+    if not native_extension_loaded():
+        return 0
+    return int(torch.ops.maskkern.empty_cache())
