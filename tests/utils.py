@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import maskkern
+from maskkern._backend import triton_interpreting
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -23,7 +24,10 @@ def available_backends(device: str) -> list[str]:
     """The backends that run on ``device`` here (triton on CPU only under TRITON_INTERPRET=1)."""
     status = maskkern.backends()
     ok = {name for name, s in status.items() if s.available}
-    candidates = ["triton", "cuda", "torch"] if device == "cuda" else ["cpu", "torch", "triton"]
+    if device == "cuda":
+        candidates = ["triton", "cuda", "torch"]
+    else:  # Triton runs CPU tensors only in its interpreter (on a GPU machine it is off)
+        candidates = ["cpu", "torch"] + (["triton"] if triton_interpreting() else [])
     return [b for b in candidates if b in ok]
 
 

@@ -260,6 +260,9 @@ class PadEmbedding(nn.Embedding):
     ) -> None:
         if sparse:
             raise ValueError("sparse must be False: pad_embedding computes a dense gradient")
+        # nn.Embedding only asserts the range (an AssertionError, gone under -O): the documented
+        # TypeError/IndexError, as the function raises them, come first.
+        _normalise_padding_idx(padding_idx, num_embeddings)
         super().__init__(
             num_embeddings,
             embedding_dim,
