@@ -19,8 +19,10 @@ A ``Case`` is one input configuration: ``inputs()`` builds the tensors on ``ctx.
 seeded), ``providers`` maps a name to a callable ``fn(**inputs) -> Tensor``, ``reference`` is the
 semantics oracle (``maskkern.reference``). ``ctx.providers(maskkern=..., eager=..., **peers)`` builds
 the standard set: ``maskkern`` (the device's default backend) and on GPU ``maskkern-<backend>`` for
-each other available backend, ``eager`` (the eager expression) and ``compile`` (``torch.compile`` of
-that same eager function), then any peers (``sdpa``, ``liger``, ``apex``) passed when importable.
+each other available backend — on CPU ``maskkern-nocache``, the same ``cpu`` backend with its output
+cache bypassed for the whole call (``maskkern.memory``: what the cache is worth) — ``eager`` (the
+eager expression) and ``compile`` (``torch.compile`` of that same eager function), then any peers
+(``sdpa``, ``liger``, ``apex``) passed when importable.
 
 Method, per case:
 1. Correctness first: every provider runs once and its output (and, for ``fwd+bwd``, the gradients of
@@ -420,6 +422,23 @@ def _mode_fn(fn: Callable[..., Tensor], inputs: dict[str, Any], mode: str, leave
     return call
 
 
+# maskkern's cpu backend with its output cache off during the whole call, backward included.
+NO_CACHE = "maskkern-nocache"
+
+
+def _cache_off(call: Callable[[], None], leaves: list[Tensor]) -> Callable[[], None]:
+    """``call`` with the cache bypassed; the leaves' grads of the provider before are freed first,
+    into the cache, so that this provider does not take that provider's blocks from it."""
+
+    def off() -> None:
+        for t in leaves:
+            t.grad = None
+        with maskkern.memory.cache_bypassed():
+            call()
+
+    return off
+
+
 def _outputs(out: Tensor, leaves: list[Tensor], grad: Tensor | None) -> list:
     """The output and, when ``grad`` is given, the gradients of the leaves, detached."""
     if grad is None:
@@ -502,7 +521,8 @@ class Context:
         status = maskkern.backends()
         order = ("triton", "cuda") if self.on_gpu else ("cpu",)
         found = [b for b in order if status[b].available] or ["torch"]
-        return [("maskkern", found[0])] + [(f"maskkern-{b}", b) for b in found[1:]]
+        nocache = [(NO_CACHE, "cpu")] if found[0] == "cpu" else []
+        return [("maskkern", found[0])] + [(f"maskkern-{b}", b) for b in found[1:]] + nocache
 
     def providers(
         self,
@@ -545,6 +565,8 @@ class Context:
             for t in leaves:
                 t.requires_grad_(mode == "fwd+bwd")
             calls = {n: _mode_fn(fn, inputs, mode, leaves, grad) for n, fn in providers.items()}
+            if NO_CACHE in calls:
+                calls[NO_CACHE] = _cache_off(calls[NO_CACHE], leaves)
             try:
                 stats = time_interleaved(calls, self.device, self.budget)
             except Exception:  # one provider failing in this mode: time the others alone

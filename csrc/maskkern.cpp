@@ -18,12 +18,13 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(maskkern, m) {
   // The CPU output cache (csrc/cpu/output_memory.h): an uninitialised contiguous CPU tensor for a
-  // kernel to fill, and the release of every cached block (returns the bytes released).
+  // kernel to fill; the release of every cached block (returns the bytes released); the bypass.
   m.def("empty_for_writing(int[] size, ScalarType dtype) -> Tensor",
         [](at::IntArrayRef size, at::ScalarType dtype) {
           return maskkern::empty_for_writing(size, at::TensorOptions().dtype(dtype));
         });
   m.def("empty_cache() -> int", &maskkern::empty_cache);
+  m.def("set_cache_bypassed(bool bypassed) -> bool", &maskkern::set_cache_bypassed);
   // masked_softmax: scores (B, H, Lq, Lk); mask None or (B, H, Lq, Lk) read through its strides
   // (bool: true = keep, or scores' float dtype: added after scaling); lengths/query_lengths None
   // or int64 (B,); causal 0 = none, 1 = top-left, 2 = bottom-right. Returns a contiguous tensor.

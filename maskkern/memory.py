@@ -11,6 +11,9 @@ profiler as allocations.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ._backend import native_extension_loaded
@@ -24,3 +27,18 @@ def empty_cache() -> int:
     if not native_extension_loaded():
         return 0
     return int(torch.ops.maskkern.empty_cache())
+
+
+@contextlib.contextmanager
+def cache_bypassed() -> Iterator[None]:
+    """Within the block, outputs come from the OS and freed blocks go back to it, as without the
+    cache; the blocks already cached stay cached. The benchmark's measure of what the cache is
+    worth (its ``maskkern-nocache`` provider). Not thread-local: it affects every thread."""
+    if not native_extension_loaded():
+        yield
+        return
+    previous = torch.ops.maskkern.set_cache_bypassed(True)
+    try:
+        yield
+    finally:
+        torch.ops.maskkern.set_cache_bypassed(previous)

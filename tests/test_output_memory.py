@@ -78,3 +78,16 @@ def test_the_cache_can_be_turned_off():
     env = {**os.environ, "MASKKERN_CPU_CACHE_MB": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "0"
+
+
+def test_bypassed_outputs_leave_the_cache_alone():
+    x = torch.randn(SHAPE)
+    mk.empty_cache()
+    out = _softmax(x)
+    cached_ptr = out.data_ptr()
+    del out  # cached
+    with mk.memory.cache_bypassed():
+        fresh = _softmax(x)
+        assert fresh.data_ptr() != cached_ptr
+        del fresh  # back to the OS
+    assert mk.empty_cache() == 4 << 20  # only the first output's block: 2.3 MiB rounded up

@@ -8,6 +8,7 @@
 #include <c10/core/Storage.h>
 #include <c10/util/accumulate.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <list>
@@ -76,7 +77,11 @@ class OutputCache {
  public:
   OutputCache() : limit_(kCacheBuilt ? limit_from_env() : 0) {}
 
-  bool enabled() const { return limit_ > 0; }
+  bool enabled() const { return limit_ > 0 && !bypassed_.load(std::memory_order_relaxed); }
+
+  // While bypassed, outputs come from the OS and freed blocks go back to it; the cached blocks
+  // stay cached. Returns the previous setting.
+  bool set_bypassed(bool bypassed) { return bypassed_.exchange(bypassed); }
 
   // A block of exactly `bytes` (a multiple of 2 MiB): the most recently returned one of that
   // size, else a new mapping; nullptr when mmap fails.
@@ -118,15 +123,14 @@ class OutputCache {
       in_use_ -= bytes;
       free_.emplace_front(ptr, bytes);
       cached_ += bytes;
-      while (cached_ > limit_) {
-        evicted.splice(evicted.end(), free_, std::prev(free_.end()));
-        cached_ -= evicted.back().second;
+      if (bypassed_.load(std::memory_order_relaxed)) {
+        evicted.splice(evicted.end(), free_, free_.begin());
+        cached_ -= bytes;
       }
+      evict_beyond_limit(evicted);
       in_use = in_use_, reserved = in_use_ + cached_;
     }
-    for (const auto& [p, n] : evicted) {
-      unmap_block(p, n);
-    }
+    unmap_all(evicted);
     c10::reportMemoryUsageToProfiler(ptr, -static_cast<int64_t>(bytes), in_use, reserved,
                                      c10::Device(c10::kCPU));
   }
@@ -138,16 +142,30 @@ class OutputCache {
       evicted.swap(free_);
       cached_ = 0;
     }
+    return unmap_all(evicted);
+  }
+
+ private:
+  // Moves the least recently returned blocks beyond the limit to `evicted`; mutex_ held.
+  void evict_beyond_limit(std::list<std::pair<void*, size_t>>& evicted) {
+    while (cached_ > limit_) {
+      evicted.splice(evicted.end(), free_, std::prev(free_.end()));
+      cached_ -= evicted.back().second;
+    }
+  }
+
+  // Outside the lock: munmap is a system call.
+  static int64_t unmap_all(const std::list<std::pair<void*, size_t>>& blocks) {
     int64_t released = 0;
-    for (const auto& [p, n] : evicted) {
+    for (const auto& [p, n] : blocks) {
       unmap_block(p, n);
       released += static_cast<int64_t>(n);
     }
     return released;
   }
 
- private:
   const size_t limit_;
+  std::atomic<bool> bypassed_{false};
   std::mutex mutex_;
   std::list<std::pair<void*, size_t>> free_;  // most recently returned first
   size_t cached_ = 0, in_use_ = 0;
@@ -191,5 +209,7 @@ at::Tensor empty_for_writing(at::IntArrayRef sizes, const at::TensorOptions& opt
 }
 
 int64_t empty_cache() { return cache().clear(); }
+
+bool set_cache_bypassed(bool bypassed) { return cache().set_bypassed(bypassed); }
 
 }  // namespace maskkern

@@ -8,11 +8,13 @@
 // output is kept and handed to the next request of the same rounded size, the way PyTorch's CUDA
 // caching allocator does. New blocks are 2 MiB-aligned and advised to use transparent huge pages.
 //
-// The cache holds at most MASKKERN_CPU_CACHE_MB MiB (read once; default 1024; 0 turns it off);
-// beyond that the least recently returned blocks are unmapped. torch.ops.maskkern.empty_cache()
-// unmaps every cached block. Blocks in use are reported to the PyTorch profiler as allocations, so
-// memory profiles stay true. Sanitizer builds (MASKKERN_SANITIZE) bypass the cache: a block is
-// rounded up, and a write past a tensor's end would land in the block instead of a redzone.
+// The cache holds at most MASKKERN_CPU_CACHE_MB MiB (read at the first output; default 1024; 0
+// turns it off); beyond that the least recently returned blocks are unmapped. empty_cache()
+// unmaps every cached block; set_cache_bypassed(true) makes outputs come from, and go back to, the
+// OS (the benchmark's measure of what the cache is worth). Blocks in use are reported to the
+// PyTorch profiler as allocations, so memory profiles stay true. Sanitizer builds
+// (MASKKERN_SANITIZE) bypass the cache: a block is rounded up, and a write past a tensor's end
+// would land in the block instead of a redzone.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,5 +28,8 @@ at::Tensor empty_for_writing(at::IntArrayRef sizes, const at::TensorOptions& opt
 
 // Unmaps every cached block; returns the bytes released.
 int64_t empty_cache();
+
+// Returns the previous setting.
+bool set_cache_bypassed(bool bypassed);
 
 }  // namespace maskkern
