@@ -137,6 +137,11 @@ def masked_cross_entropy_fwd(
     if n == 0:
         return ce, lse
     block, _ = row_block(c, logits.dtype)
+    # The kernel indexes these as contiguous vectors: a strided view (a sliced class weight, a
+    # strided int64 target) is copied, as the C++ kernel does.
+    target, valid = target.contiguous(), valid.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    grad_scale = None if grad_scale is None else grad_scale.contiguous()
     _cross_entropy_kernel[(n,)](
         ce,
         lse,

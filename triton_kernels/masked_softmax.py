@@ -287,6 +287,10 @@ def _launch(
     ``tensor_args`` first, then the row geometry."""
     B, H, Lq, Lk = like.shape
     n_rows = B * H * Lq
+    # The kernels index lengths[b] as contiguous: a strided view (a sliced int64 lengths) is
+    # copied, as the C++ kernels do.
+    lengths = None if lengths is None else lengths.contiguous()
+    query_lengths = None if query_lengths is None else query_lengths.contiguous()
     block, fits = row_block(Lk, like.dtype)
     args = (*tensor_args, lengths, query_lengths, scale, n_rows, H, Lq, Lk)
     meta |= {

@@ -106,8 +106,13 @@ def attention(
     # range, as SDPA's math path does.
     if scale != 1.0:
         q = q * scale
+    scores = q @ k.transpose(-2, -1)
+    if scores.shape != scores_shape:
+        # v's batch dims are the scores' too (the mask and lengths were checked against them), but
+        # q·kᵀ does not have them: broadcast it (a free view; masked_softmax reads it once).
+        scores = scores.expand(scores_shape)
     probs = masked_softmax(
-        q @ k.transpose(-2, -1),
+        scores,
         mask,
         lengths=lengths,
         query_lengths=query_lengths,

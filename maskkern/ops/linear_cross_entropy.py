@@ -214,13 +214,15 @@ def _linear_cross_entropy_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias); the gradients (for a unit incoming gradient)
     only for "sum"/"mean" and those needed, else empty."""
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    # N rows, not -1: with H = 0 there would be no telling N from 0 elements.
+    h2 = hidden.reshape(target.numel(), hidden.shape[-1])
     needs = (need_hidden, need_weight, need_bias) if reduction != "none" else (False, False, False)
     loss, gh, gw, gb = _chunked(
         h2, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, needs, backend
     )
     loss = loss.view(target.shape) if reduction == "none" else loss
-    return loss, gh.view(hidden.shape) if gh.numel() else gh, gw, gb
+    # Shaped by need, not by numel: with no tokens the gradient is empty but must be hidden-shaped.
+    return loss, gh.view(hidden.shape) if needs[0] else gh, gw, gb
 
 
 @_linear_cross_entropy_op.register_fake
@@ -266,14 +268,14 @@ def _linear_cross_entropy_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of reduction="none": the chunks again, each token's logits gradient times its
     incoming gradient. Returns (grad_hidden, grad_weight, grad_bias), empty when not needed."""
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = hidden.reshape(target.numel(), hidden.shape[-1])
     row_scale = grad_loss.reshape(-1).to(compute_dtype(hidden.dtype))
     needs = (need_hidden, need_weight, need_bias)
     _, gh, gw, gb = _chunked(
         h2, weight, target, bias, ignore_index, "none", label_smoothing, z_loss, chunk_size, needs, backend,
         row_scale,
     )  # fmt: skip
-    return gh.view(hidden.shape) if gh.numel() else gh, gw, gb
+    return gh.view(hidden.shape) if need_hidden else gh, gw, gb
 
 
 @_linear_cross_entropy_backward_op.register_fake
