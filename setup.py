@@ -57,7 +57,11 @@ def _extension():
         avx2 = _cpu_has_avx2()
     if avx2:
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    link = []
+    # at::parallel_for is a header template over OpenMP (AT_PARALLEL_OPENMP): compiled without
+    # -fopenmp its pragma is ignored and every kernel runs on one thread. libgomp resolves to the
+    # copy torch already loaded (same soname), so there is one OpenMP runtime and one thread pool.
+    cxx += ["-fopenmp"]
+    link = ["-fopenmp"]
     if _env_flag("MASKKERN_SANITIZE"):
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         cxx += [*san, "-DMASKKERN_SANITIZE"]
