@@ -3,7 +3,7 @@ torch and nvcc are present.
 
 Environment:
   MASKKERN_CUDA=1|0   force or skip the CUDA sources (default: auto-detect)
-  MASKKERN_AVX2=1|0   compile the CPU kernels for AVX2+FMA (default: when this CPU has them)
+  MASKKERN_SIMD=avx512|avx2|none  the at::vec level of the CPU kernels (default: the widest this CPU runs)
   DEBUG=1             -O0 -g
   MASKKERN_SANITIZE=1 -fsanitize=address,undefined (see `make sanitize`)
   MASKKERN_SKIP_EXT=1 install the Python package only (scripts/env.sh then builds _C in place,
@@ -35,15 +35,26 @@ def _want_cuda() -> bool:
     return available if forced is None else forced
 
 
-def _cpu_has_avx2() -> bool:
+def _cpu_simd() -> str:
+    """The widest at::vec level this CPU runs: "avx512", "avx2" or "none"."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return "none"
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            flags = set(f.read().split())
     except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+        return "none"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "none"
+
+
+# The compiler flags of each at::vec level, as PyTorch builds its own CPU_CAPABILITY kernels.
+SIMD_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx2"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "none": [],
+}
 
 
 def _extension():
@@ -51,12 +62,13 @@ def _extension():
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fdiagnostics-color=always"]
     # ATen's at::vec picks its SIMD width from CPU_CAPABILITY_* at compile time; without these
-    # the extension gets the scalar fallback.
-    avx2 = _env_flag("MASKKERN_AVX2")
-    if avx2 is None:
-        avx2 = _cpu_has_avx2()
-    if avx2:
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    # the extension gets the scalar fallback. The build is for this machine's CPU.
+    simd = os.environ.get("MASKKERN_SIMD") or _cpu_simd()
+    if simd not in SIMD_FLAGS:
+        raise ValueError(f"MASKKERN_SIMD must be one of {sorted(SIMD_FLAGS)}, got {simd!r}")
+    cxx += SIMD_FLAGS[simd]
+    if simd != "none":
+        cxx += [f"-DCPU_CAPABILITY_{simd.upper()}", f"-DCPU_CAPABILITY={simd.upper()}"]
     # at::parallel_for is a header template over OpenMP (AT_PARALLEL_OPENMP): compiled without
     # -fopenmp its pragma is ignored and every kernel runs on one thread. libgomp resolves to the
     # copy torch already loaded (same soname), so there is one OpenMP runtime and one thread pool.
