@@ -21,8 +21,10 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export PYTHONPATH="$OUT/pkg"
-# Only the native CPU kernels are instrumented: run the tests that exercise them. append: pytest
+# Only the native CPU kernels are instrumented: run the tests that exercise them — ids "[cpu-cpu]"
+# (backend-device), "[...-cpu]" (backend last) and the native-op tests. append: pytest
 # must not put the checkout (and its uninstrumented maskkern/_C) ahead of PYTHONPATH.
 (cd / && "$PY" -c "import maskkern; assert maskkern.__file__.startswith('$OUT/pkg'), maskkern.__file__")
 # The pytest script, not `python -m pytest`, which would put the cwd (the checkout) first on sys.path.
-"$(dirname "$PY")/pytest" tests -p no:cacheprovider --import-mode=append -k "cpu-cpu or native" ${PYTEST_ARGS:-}
+"$(dirname "$PY")/pytest" tests -p no:cacheprovider --import-mode=append \
+  -k "(cpu-cpu or native or cpu]) and not torch-cpu] and not triton-cpu] and not triton]" ${PYTEST_ARGS:-}

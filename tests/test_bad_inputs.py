@@ -350,11 +350,15 @@ def native_runs() -> dict[str, NativeRun]:
     """The catalogue on each native backend, each in its own subprocess, the subprocesses running
     at the same time; whatever lines a crashed one printed before dying are kept."""
     native = [b for b in BACKENDS if b not in IN_PROCESS]
+    # The subprocess imports the maskkern this process imported (under `make sanitize`, the
+    # instrumented copy), then finds this checkout's tests package.
+    package_root = str(Path(mk.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (package_root, str(ROOT), os.environ.get("PYTHONPATH")) if p)
     procs = {
         b: subprocess.Popen(
             [sys.executable, "-m", "tests.test_bad_inputs", b],
-            cwd=ROOT,
-            env=os.environ,  # carries TRITON_INTERPRET, which conftest.py set
+            cwd=package_root,
+            env={**os.environ, "PYTHONPATH": path},  # and TRITON_INTERPRET, which conftest.py set
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -415,5 +419,6 @@ def test_native_subprocess_exits_cleanly(backend: str, native_runs):
 if __name__ == "__main__":
     # The native-backend half of the catalogue (see native_runs): one line per case, flushed at once
     # so that the lines before a crash survive it.
+    print(f"maskkern from {mk.__file__}", file=sys.stderr)  # in the failure report
     for c in CASES:
         print(LINE_PREFIX + json.dumps(outcome(c, sys.argv[1])), flush=True)
