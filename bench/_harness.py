@@ -513,27 +513,30 @@ class Context:
             self._copy_gbps = copy_bandwidth(self.device, self.budget)
         return self._copy_gbps
 
-    def maskkern_backends(self) -> list[tuple[str, str]]:
+    def maskkern_backends(self, nocache: bool = True) -> list[tuple[str, str]]:
         """(provider name, backend): the device's default as ``maskkern``, then on GPU
-        ``maskkern-<backend>`` for every other available backend; ``--backend`` forces one."""
+        ``maskkern-<backend>`` for every other available backend, on CPU ``maskkern-nocache`` unless
+        ``nocache`` is False (for ops whose large buffers are not maskkern's outputs); ``--backend``
+        forces one."""
         if self.backend is not None:
             return [("maskkern", self.backend)]
         status = maskkern.backends()
         order = ("triton", "cuda") if self.on_gpu else ("cpu",)
         found = [b for b in order if status[b].available] or ["torch"]
-        nocache = [(NO_CACHE, "cpu")] if found[0] == "cpu" else []
-        return [("maskkern", found[0])] + [(f"maskkern-{b}", b) for b in found[1:]] + nocache
+        extra = [(NO_CACHE, "cpu")] if nocache and found[0] == "cpu" else []
+        return [("maskkern", found[0])] + [(f"maskkern-{b}", b) for b in found[1:]] + extra
 
     def providers(
         self,
         maskkern: Callable[[str], Callable[..., Tensor]],
         eager: Callable[..., Tensor],
+        nocache: bool = True,
         **peers: Callable[..., Tensor] | None,
     ) -> dict[str, Callable[..., Tensor]]:
-        """The standard providers: ``maskkern(backend)`` for each of maskkern_backends(), ``eager``,
+        """The standard providers: ``maskkern(backend)`` for each of maskkern_backends(nocache), ``eager``,
         ``compile`` = compiled(eager), then the peers that are not None (pass None when a peer is not
         importable or does not apply here)."""
-        out = {name: maskkern(backend) for name, backend in self.maskkern_backends()}
+        out = {name: maskkern(backend) for name, backend in self.maskkern_backends(nocache)}
         out["eager"] = eager
         out["compile"] = compiled(eager)
         out.update({k: v for k, v in peers.items() if v is not None})
