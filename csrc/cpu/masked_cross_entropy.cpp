@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -65,10 +64,8 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
   const int64_t t = p.target[i];
   if (!p.valid[i]) {
     ce[i] = lse[i] = 0;
-    if (g != nullptr && stream) {
-      stream_copy(g, nullptr, static_cast<size_t>(C) * sizeof(scalar_t));
-    } else if (g != nullptr) {
-      std::memset(g, 0, static_cast<size_t>(C) * sizeof(scalar_t));  // all-zero bits = +0.0
+    if (g != nullptr) {
+      write_row<scalar_t>(g, nullptr, 0, C, stream);
     }
     return;
   }
@@ -140,9 +137,7 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
   }
   row[t] = static_cast<scalar_t>(std::exp(x_t - m) * coef - p.s_ce * eps * w_t -
                                  p.s_ce * (1 - p.smoothing) * w_t);
-  if (stream) {
-    stream_copy(g, row, static_cast<size_t>(C) * sizeof(scalar_t));
-  }
+  write_row(g, row, C, C, stream);
 }
 
 template <typename scalar_t>

@@ -22,7 +22,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -209,19 +208,6 @@ void rows_prefetched(int64_t first, int64_t end, int64_t ahead, const Prefetch& 
       prefetch(row + ahead);
     }
     f(row);
-  }
-}
-
-// dst[0, n) = row[0, n) and dst[n, Lk) = 0 (all-zero bits = +0.0). Unless streaming, the row was
-// computed in dst itself and only the tail is written.
-template <typename scalar_t>
-void write_row(scalar_t* dst, const scalar_t* row, int64_t n, int64_t Lk, bool stream) {
-  const auto bytes = [](int64_t count) { return static_cast<size_t>(count) * sizeof(scalar_t); };
-  if (stream) {
-    stream_copy(dst, row, bytes(n));
-    stream_copy(dst + n, nullptr, bytes(Lk - n));
-  } else if (Lk > n) {
-    std::memset(dst + n, 0, bytes(Lk - n));
   }
 }
 

@@ -113,21 +113,21 @@ class OutputCache {
     return ptr;
   }
 
-  // Keeps the block for the next request of its size; unmaps the least recently returned blocks
-  // beyond the limit.
+  // Keeps the block for the next request of its size (while bypassed, unmaps it); unmaps the least
+  // recently returned blocks beyond the limit.
   void give_back(void* ptr, size_t bytes) {
     size_t in_use = 0, reserved = 0;
     std::list<std::pair<void*, size_t>> evicted;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       in_use_ -= bytes;
-      free_.emplace_front(ptr, bytes);
-      cached_ += bytes;
       if (bypassed_.load(std::memory_order_relaxed)) {
-        evicted.splice(evicted.end(), free_, free_.begin());
-        cached_ -= bytes;
+        evicted.emplace_back(ptr, bytes);
+      } else {
+        free_.emplace_front(ptr, bytes);
+        cached_ += bytes;
+        evict_beyond_limit(evicted);
       }
-      evict_beyond_limit(evicted);
       in_use = in_use_, reserved = in_use_ + cached_;
     }
     unmap_all(evicted);

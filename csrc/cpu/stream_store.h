@@ -54,6 +54,19 @@ inline void stream_copy(void* dst, const void* src, size_t bytes) {
 #endif
 }
 
+// dst[0, n) = row[0, n) and dst[n, len) = 0 (all-zero bits = +0.0), streamed when `stream`.
+// Unless streaming, the row was computed in dst itself and only the tail is written.
+template <typename T>
+void write_row(T* dst, const T* row, int64_t n, int64_t len, bool stream) {
+  const auto bytes = [](int64_t count) { return static_cast<size_t>(count) * sizeof(T); };
+  if (stream) {
+    stream_copy(dst, row, bytes(n));
+    stream_copy(dst + n, nullptr, bytes(len - n));
+  } else if (len > n) {
+    std::memset(dst + n, 0, bytes(len - n));
+  }
+}
+
 inline void stream_fence() {
 #if defined(__AVX2__)
   _mm_sfence();

@@ -171,12 +171,18 @@ def row_kernel(backend: str):
     return reference.masked_cross_entropy_rows
 
 
+def valid_rows(target: Tensor, ignore_index: int, mask: Tensor | None) -> Tensor:
+    """valid (N,) bool: the rows that count (target != ignore_index, and mask), unchecked."""
+    valid = target.reshape(-1) != ignore_index
+    if mask is not None:
+        valid &= mask.reshape(-1)
+    return valid
+
+
 def counted_rows(target: Tensor, n_classes: int, ignore_index: int, mask: Tensor | None) -> Tensor:
     """valid (N,) bool for int64 (N,) targets; raises IndexError for a counted target outside
     [0, C). Reads the values: call it inside a custom op (on CUDA it synchronises)."""
-    valid = target != ignore_index
-    if mask is not None:
-        valid &= mask.reshape(-1)
+    valid = valid_rows(target, ignore_index, mask)
     bad = valid & ((target < 0) | (target >= n_classes))
     if target.numel() and bool(bad.any()):
         value = int(target[bad][0])
@@ -322,9 +328,7 @@ def _backward(ctx, grad_loss, _grad_rows):
             "masked_cross_entropy ran with grad disabled for input, so its gradient was not computed"
         )
     grad, target, mask = ctx.saved_tensors
-    valid = target.reshape(-1) != ctx.ignore_index
-    if mask is not None:
-        valid &= mask.reshape(-1)
+    valid = valid_rows(target, ctx.ignore_index, mask)
     traced = torch.compiler.is_compiling() or type(grad_loss) is not Tensor
     if traced or graph_is_kept():
         dx = torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss, valid)
