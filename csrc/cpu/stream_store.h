@@ -55,13 +55,23 @@ inline void stream_copy(void* dst, const void* src, size_t bytes) {
 }
 
 // dst[0, n) = row[0, n) and dst[n, len) = 0 (all-zero bits = +0.0), streamed when `stream`.
-// Unless streaming, the row was computed in dst itself and only the tail is written.
+// Unless streaming, the row was computed in dst itself and only the tail is written. When
+// streaming, row is scratch with room for len elements: its zeros are extended to the cache line
+// where dst's zeros begin, so that no line gets both a normal and a streamed store (a normal store
+// reads the line first, and the streamed one then evicts it again: a round trip per row).
 template <typename T>
-void write_row(T* dst, const T* row, int64_t n, int64_t len, bool stream) {
+void write_row(T* dst, T* row, int64_t n, int64_t len, bool stream) {
   const auto bytes = [](int64_t count) { return static_cast<size_t>(count) * sizeof(T); };
   if (stream) {
-    stream_copy(dst, row, bytes(n));
-    stream_copy(dst + n, nullptr, bytes(len - n));
+    int64_t m = n;
+    while (n > 0 && m < len && reinterpret_cast<uintptr_t>(dst + m) % 64 != 0) {
+      ++m;
+    }
+    if (m > n) {
+      std::memset(row + n, 0, bytes(m - n));
+    }
+    stream_copy(dst, row, bytes(m));
+    stream_copy(dst + m, nullptr, bytes(len - m));
   } else if (len > n) {
     std::memset(dst + n, 0, bytes(len - n));
   }
