@@ -30,7 +30,10 @@ Method, per case:
    per-dtype tolerance of the tests; the table says ✓ or the max abs error. A provider that raises
    is reported and skipped, the run goes on.
 2. Time, per mode: ``fwd`` (under ``torch.no_grad``), ``fwd+bwd`` (forward, then backward of the
-   fixed random gradient; ``.grad`` reset to None before each run) or ``step`` (the callable as it
+   fixed random gradient; each call first sets ``.grad`` to None, freeing the provider's own
+   gradient of its last call, as ``zero_grad(set_to_none=True)`` does in a training loop: the
+   gradients of each provider are kept aside, untimed, while the others run, so that no provider
+   pays for freeing another's) or ``step`` (the callable as it
    is, e.g. a training step). CPU: warm-up, then providers interleaved A B A B ... for several
    rounds; each sample times enough back-to-back calls to last ``min_sample_s``; p50/p20/p80 of the
    per-call times; the thread count is fixed (``--threads``) and recorded. GPU: the same
@@ -303,13 +306,47 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     return tuple(float(v) for v in torch.tensor(samples, dtype=torch.float64).quantile(q))
 
 
+class GradSlots:
+    """fwd+bwd: the leaves' ``.grad`` of each provider, kept aside while the others run.
+
+    ``switch(name)``, untimed before a provider's calls, puts the grads of the provider that ran
+    last aside and gives the leaves back this provider's own, which its next call frees. Without it
+    each provider freed the gradient the provider before it left: in the interleaved order,
+    maskkern's cached 32 MiB gradient was freed by a provider of the OS allocator for free, and
+    maskkern paid the munmap of that provider's (6 ms of an 11 ms fwd+bwd at the softmax headline).
+    """
+
+    def __init__(self, leaves: list[Tensor]) -> None:
+        self.leaves = leaves
+        self.slots: dict[str, list[Tensor | None]] = {}
+        self.current: str | None = None
+
+    def switch(self, name: str) -> None:
+        if self.current is not None:
+            self.slots[self.current] = [t.grad for t in self.leaves]
+        for t, g in zip(self.leaves, self.slots.pop(name, [None] * len(self.leaves)), strict=True):
+            t.grad = g
+        self.current = name
+
+    def clear(self) -> None:
+        self.slots.clear()
+        self.current = None
+        for t in self.leaves:
+            t.grad = None
+
+
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], device: torch.device, budget: Budget
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    budget: Budget,
+    switch: Callable[[str], None] = lambda name: None,
 ) -> dict[str, tuple[float, float, float]]:
     """p50/p20/p80 ms per call of each fn, measured in interleaved rounds (A B A B ...) so that
-    drifts of clock, cache and neighbours hit every provider alike."""
+    drifts of clock, cache and neighbours hit every provider alike; switch(name) runs untimed
+    before each provider's calls."""
     est: dict[str, float] = {}
     for name, fn in fns.items():
+        switch(name)
         for _ in range(budget.warmup):
             fn()
         _sync(device)
@@ -328,6 +365,7 @@ def time_interleaved(
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            switch(name)
             if on_gpu:
                 flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -426,13 +464,10 @@ def _mode_fn(fn: Callable[..., Tensor], inputs: dict[str, Any], mode: str, leave
 NO_CACHE = "maskkern-nocache"
 
 
-def _cache_off(call: Callable[[], None], leaves: list[Tensor]) -> Callable[[], None]:
-    """``call`` with the cache bypassed; the leaves' grads of the provider before are freed first,
-    into the cache, so that this provider does not take that provider's blocks from it."""
+def _cache_off(call: Callable[[], None]) -> Callable[[], None]:
+    """``call`` with the cache bypassed."""
 
     def off() -> None:
-        for t in leaves:
-            t.grad = None
         with maskkern.memory.cache_bypassed():
             call()
 
@@ -569,16 +604,19 @@ class Context:
                 t.requires_grad_(mode == "fwd+bwd")
             calls = {n: _mode_fn(fn, inputs, mode, leaves, grad) for n, fn in providers.items()}
             if NO_CACHE in calls:
-                calls[NO_CACHE] = _cache_off(calls[NO_CACHE], leaves)
+                calls[NO_CACHE] = _cache_off(calls[NO_CACHE])
+            grads = GradSlots(leaves if mode == "fwd+bwd" else [])
             try:
-                stats = time_interleaved(calls, self.device, self.budget)
+                stats = time_interleaved(calls, self.device, self.budget, grads.switch)
             except Exception:  # one provider failing in this mode: time the others alone
                 stats = {}
                 for name, call in calls.items():
+                    grads.clear()
                     try:
-                        stats.update(time_interleaved({name: call}, self.device, self.budget))
+                        stats.update(time_interleaved({name: call}, self.device, self.budget, grads.switch))
                     except Exception as exc1:
                         result.errors.setdefault(name, f"{mode}: {_error_text(exc1)}")
+            grads.clear()
             nbytes = case.bytes.get(mode)
             for name, (p50, p20, p80) in stats.items():
                 for t in leaves:  # grads of the last run would be freed inside the measured call
