@@ -226,6 +226,24 @@ def test_empty(backend, device, shape, tshape):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_weight_requiring_grad_raises_like_eager(backend, device):
+    """Class weights are constants: eager raises when they require grad (under grad mode), so do we."""
+    x = _logits((4, C), torch.float32, device)
+    t = torch.arange(4, device=device)
+    w = torch.rand(C, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        F.cross_entropy(x, t, w)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
+        mk.masked_cross_entropy(x, t, w, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mk.masked_cross_entropy(x, t, w, backend=backend), F.cross_entropy(x, t, w)
+        )
+    out = mk.masked_cross_entropy(x, t, w.detach(), backend=backend)
+    torch.testing.assert_close(out, F.cross_entropy(x, t, w.detach()))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_and_inf_flow_like_eager(backend, device):
     x = _logits((4, C), torch.float32, device, requires_grad=False)
     x[0, 3] = float("nan")

@@ -72,7 +72,8 @@ def masked_cross_entropy(
     Args:
         input: logits (C,), (N, C) or (N, C, d1, ...) of float16/bfloat16/float32/float64.
         target: int64 or int32 class indices, shape () / (N,) / (N, d1, ...).
-        weight: optional (C,) float class weights (they scale each counted row by w[target]).
+        weight: optional (C,) float class weights (they scale each counted row by w[target]);
+            constants, as in eager: one that requires grad raises under grad mode.
         ignore_index: targets equal to this value do not count (any int, inside [0, C) too).
         mask: optional bool of target's shape, True = the target counts (ANDed with ignore_index).
         reduction: "none" (target's shape), "sum" or "mean" (divided by Σ w[target] over the
@@ -106,6 +107,11 @@ def masked_cross_entropy(
         check_same_device(weight, "weight", input, "input")
         if tuple(weight.shape) != (n_classes,):
             raise ValueError(f"weight must have shape ({n_classes},), got {tuple(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled():  # as eager, which raises here too
+            raise RuntimeError(
+                "masked_cross_entropy is not differentiable with respect to weight (nor is "
+                "F.cross_entropy): pass weight.detach()"
+            )
     if mask is not None:
         check_tensor(mask, "mask")
         if mask.dtype != torch.bool:
