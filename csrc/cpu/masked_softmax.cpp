@@ -8,8 +8,8 @@
 // dY only on [0, n) too: Y is zero beyond it.
 //
 // Outputs come from the output cache (output_memory.h); those larger than kStreamBytes are written
-// with streaming stores (stream_store.h): a row is finished in the L1 scratch, then streamed out
-// with its zero tail.
+// with streaming stores (stream_store.h), with their zero tails: straight from the registers when
+// the rows are whole cache lines, else through the L1 scratch.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -276,14 +276,11 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
     return e;
   });
 
-  // When streaming, the row is finished in place in z (a scalar_t never outgrows its acc_t:
-  // each store lands on elements already read).
+  // The scratch for a streamed row is z itself: a scalar_t never outgrows its acc_t, so each store
+  // lands on elements already read.
   const Vec inv(acc_t(1) / sum);
-  scalar_t* row = stream ? reinterpret_cast<scalar_t*>(z) : y;
-  for (int64_t j = 0; j < n; j += lanes) {
-    store(row + j, Vec::loadu(z + j) * inv, std::min(lanes, n - j));
-  }
-  write_row(y, row, n, Lk, stream);
+  write_row_vectors(y, n, Lk, stream, reinterpret_cast<scalar_t*>(z),
+                    [&](int64_t j, int64_t) { return Vec::loadu(z + j) * inv; });
 }
 
 template <typename scalar_t, typename mask_t>
@@ -355,23 +352,19 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
 
 // --- backward ----------------------------------------------------------------------------------
 
-// dx = scale * y * (g - sum(y * g)) on [0, n); zeros beyond, where y is 0. When streaming, the
-// row is finished in scratch (n elements) first.
+// dx = scale * y * (g - sum(y * g)) on [0, n); zeros beyond, where y is 0. scratch: len elements
+// for write_row_vectors.
 template <typename scalar_t>
 void softmax_backward_row(const scalar_t* g, const scalar_t* y, int64_t n, int64_t Lk,
                           acc_type<scalar_t> scale, scalar_t* scratch, scalar_t* dx, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t lanes = Vec::size();
   const Vec dot(row_sum<acc_t>(n, [&](int64_t j, int64_t count) {
     return load(y + j, count) * load(g + j, count);  // lanes past the row are 0
   }));
-  scalar_t* row = stream ? scratch : dx;
-  for (int64_t j = 0; j < n; j += lanes) {
-    const int64_t count = std::min(lanes, n - j);
-    store(row + j, Vec(scale) * load(y + j, count) * (load(g + j, count) - dot), count);
-  }
-  write_row(dx, row, n, Lk, stream);
+  write_row_vectors(dx, n, Lk, stream, scratch, [&](int64_t j, int64_t count) {
+    return Vec(scale) * load(y + j, count) * (load(g + j, count) - dot);
+  });
 }
 
 at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_in,
