@@ -6,7 +6,8 @@ lengths[:, None]`` viewed as (B, 1, 1, L), ANDed with ``ones(L, L).tril()`` for 
 the lengths (or the bool mask) and ``causal=`` and never materialises the mask.
 
 Sweeps: sequence length (lengths uniform in [L/4, L], causal; about the same number of elements at
-each L), key padding fraction 0/25/50/75% (lengths = L * (1 - p), no causal), and the kinds of
+each L), key padding fraction 0/25/50/75% (lengths = L * (1 - p), no causal; each padded case also
+times maskkern at 0% padding in its rounds, the baseline of "padding pays"), and the kinds of
 masking at the headline shape (4, 8, 512, 512). fp32 on CPU; fp16 and bf16 on GPU.
 
 Bytes model (GB/s): fwd reads the kept scores and writes the whole output; fwd+bwd also reads dY and
@@ -160,6 +161,10 @@ def case(
     side = 0 if lengths is None else B * L if bool_mask else 8 * B
     fwd = k * es + n * es + side
     plot, x_name, x = sweep
+    providers = ctx.providers(_maskkern(causal), _eager(causal), **_peers(ctx, causal, dtype, L))
+    padded = isinstance(lengths, float) and lengths > 0
+    if padded:
+        providers[AT_ZERO] = _at_zero_padding(ctx, B, L)
     return Case(
         name=name(shape, dtype, label),
         x_name=x_name,
@@ -173,12 +178,29 @@ def case(
             scale=SCALE,
         ),
         inputs=inputs,
-        providers=ctx.providers(_maskkern(causal), _eager(causal), **_peers(ctx, causal, dtype, L)),
+        providers=providers,
         reference=_reference(causal),
         grad_inputs=("scores",),
         bytes={"fwd": fwd, "fwd+bwd": fwd + 2 * k * es + n * es + side},
         plot=plot,
+        baselines=(AT_ZERO,) if padded else (),
     )
+
+
+# The padding cases also time maskkern on the same scores at 0% padding, interleaved with the rest:
+# padding pays is then a ratio measured in one run, not two cases timed a minute apart, between
+# which this machine's speed drifts by up to 25%.
+AT_ZERO = "maskkern at 0%"
+
+
+def _at_zero_padding(ctx: Context, B: int, L: int):
+    full = torch.full((B,), L, device=ctx.device)
+    fn = _maskkern(False)(ctx.maskkern_backends(nocache=False)[0][1])
+
+    def at_zero(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return fn(scores, lengths=full)
+
+    return at_zero
 
 
 def _dtypes(ctx: Context) -> list[torch.dtype]:
@@ -263,8 +285,8 @@ def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
                 Target(f"{label}: × eager", head and head.ratio("eager", "fwd+bwd"), 20),
                 Target(f"{label}: × compile", head and head.ratio("compile", "fwd+bwd"), 2),
             ]
-        t = [results.get(name(_pad_shape(ctx), dtype, f"pad={p:.0%}")) for p in (0.5, 0.0)]
-        t50, t0 = (r and r.p50("maskkern", "fwd+bwd") for r in t)
+        r = results.get(name(_pad_shape(ctx), dtype, "pad=50%"))
+        t50, t0 = (r and r.p50(p, "fwd+bwd") for p in ("maskkern", AT_ZERO))
         label = f"masked_softmax padding pays {d}: fwd+bwd time at 50% / 0% padding (bandwidth floor 0.7)"
         out.append(Target(label, ratio(t50, t0), 0.75, "<=", ""))
     return out

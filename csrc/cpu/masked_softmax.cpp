@@ -138,7 +138,13 @@ class RowGeometry {
                 lengths->scalar_type());
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == scores.size(0), name,
                 " must have shape (", scores.size(0), ",), got ", lengths->sizes());
-    return lengths->contiguous();
+    at::Tensor checked = lengths->contiguous();
+    // Here, not in Python: on a cold cache a Python-side (lengths < 0).any() costs ~0.1 ms a call.
+    const int64_t* values = checked.const_data_ptr<int64_t>();
+    const int64_t* min = std::min_element(values, values + checked.numel());
+    TORCH_CHECK_VALUE(min == values + checked.numel() || *min >= 0, name, " must be >= 0, got min ",
+                      *min);
+    return checked;
   }
 
   at::Tensor lengths_, query_lengths_;  // undefined when not given
@@ -244,7 +250,9 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const Vec neg_inf(kNegInf);
 
-  Vec vmax = neg_inf;
+  // The running max skips NaN (clamp_min is a bare vmaxps), and NaN lanes are collected apart:
+  // off the max's dependency chain, unlike at::vec::maximum's three-instruction NaN check.
+  Vec vmax = neg_inf, nan_seen(0);
   for (int64_t j = 0; j < n; j += lanes) {
     const int64_t count = std::min(lanes, n - j);
     Vec v = load(x + j, count) * Vec(scale);
@@ -253,10 +261,12 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
     } else if constexpr (!std::is_same_v<mask_t, NoMask>) {
       v = v + mask.template load_at<acc_t>(j, count);
     }
-    v = Vec::set(neg_inf, v, count);   // the lanes past the row take no part
-    vmax = at::vec::maximum(vmax, v);  // propagates NaN
+    v = Vec::set(neg_inf, v, count);  // the lanes past the row take no part
+    vmax = at::vec::clamp_min(vmax, v);
+    nan_seen = nan_seen | v.isnan();
     v.store(z + j);
   }
+  vmax = Vec::blendv(vmax, nan_seen, nan_seen);  // a NaN lane makes the row's max NaN
   const acc_t max = at::vec::vec_reduce_all<acc_t>(
       [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
 

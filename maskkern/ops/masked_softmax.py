@@ -94,18 +94,25 @@ def _check_lengths(lengths: Tensor | None, name: str, scores: Tensor) -> Tensor 
         raise ValueError(
             f"{name} must have shape ({scores.shape[0]},) = (scores.shape[0],), got {tuple(lengths.shape)}"
         )
+    if lengths.dim() == 1 and lengths.dtype == torch.int64:
+        return lengths  # each op call costs tens of microseconds on a cold cache: skip the no-ops
     return lengths.reshape(-1).to(torch.int64)
 
 
 def _as_4d(x: Tensor) -> Tensor:
     """(..., Lq, Lk) -> (B, H, Lq, Lk): B is dim 0 (what lengths index), H all dims between."""
+    if x.dim() == 4:
+        return x
     if x.dim() == 2:
         return x[None, None]
     if x.dim() == 3:
         return x[:, None]
-    if x.dim() == 4:
-        return x
     return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def _shaped(x: Tensor, shape: torch.Size) -> Tensor:
+    """x (a kernel's 4-D result) viewed as shape, without a view op when it already has it."""
+    return x if x.shape == shape else x.view(shape)
 
 
 # --- per-backend kernels ------------------------------------------------------------------------
@@ -149,14 +156,15 @@ def _masked_softmax_op(
     scale: float,
     backend: str,
 ) -> Tensor:
-    check_nonnegative_values(lengths, "lengths")
-    check_nonnegative_values(query_lengths, "query_lengths")
+    if backend != "cpu":  # the cpu kernels check the values as they read them
+        check_nonnegative_values(lengths, "lengths")
+        check_nonnegative_values(query_lengths, "query_lengths")
     if scores.numel() == 0:
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
     mask4 = None if mask is None else _as_4d(mask.expand(scores.shape))
     fwd = _kernels(backend)[0]
     out = fwd(_as_4d(scores.contiguous()), mask4, lengths, query_lengths, causal, scale)
-    return out.view(scores.shape)
+    return _shaped(out, scores.shape)
 
 
 @_masked_softmax_op.register_fake
@@ -179,7 +187,7 @@ def _masked_softmax_backward_op(
     bwd = _kernels(backend)[1]
     # Autograd may hand us an expanded or strided grad; the kernels read rows contiguously.
     dx = bwd(_as_4d(grad.contiguous()), _as_4d(out.contiguous()), lengths, query_lengths, causal, scale)
-    return dx.view(out.shape)
+    return _shaped(dx, out.shape)
 
 
 @_masked_softmax_backward_op.register_fake
