@@ -155,6 +155,29 @@ class Case:
     baselines: tuple[str, ...] = ()
 
 
+# The baseline of the "pays" targets (time at 50% padding or ignored / at 0%): maskkern at 0%,
+# timed as a baseline provider of the 50% case, so that the ratio is measured in one run.
+AT_ZERO = "maskkern at 0%"
+
+
+def at_zero(
+    ctx: Context, maskkern: Callable[[str], Callable[..., Tensor]], **fixed: Any
+) -> Callable[..., Tensor]:
+    """maskkern (its default backend, output cache on) on the case's inputs with ``fixed`` in place of
+    the ones that mask (e.g. lengths = L, or a target with nothing ignored)."""
+    fn = maskkern(ctx.maskkern_backends(nocache=False)[0][1])
+
+    def baseline(**inputs: Any) -> Tensor:
+        return fn(**(inputs | fixed))
+
+    return baseline
+
+
+def pays(result: CaseResult | None, mode: str = "fwd+bwd") -> float | None:
+    """maskkern's time in ``result`` / the AT_ZERO baseline's, measured in the same rounds."""
+    return result and ratio(result.p50("maskkern", mode), result.p50(AT_ZERO, mode))
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, None when either is missing (for targets built from two cases)."""
     return None if a is None or b is None else a / b

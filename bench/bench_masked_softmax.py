@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from _harness import Case, CaseResult, Context, Target, main, ratio
+from _harness import AT_ZERO, Case, CaseResult, Context, Target, at_zero, main, pays
 from torch import Tensor
 
 import maskkern as mk
@@ -164,7 +164,8 @@ def case(
     providers = ctx.providers(_maskkern(causal), _eager(causal), **_peers(ctx, causal, dtype, L))
     padded = isinstance(lengths, float) and lengths > 0
     if padded:
-        providers[AT_ZERO] = _at_zero_padding(ctx, B, L)
+        full = torch.full((B,), L, device=ctx.device)
+        providers[AT_ZERO] = at_zero(ctx, _maskkern(causal), lengths=full)
     return Case(
         name=name(shape, dtype, label),
         x_name=x_name,
@@ -185,22 +186,6 @@ def case(
         plot=plot,
         baselines=(AT_ZERO,) if padded else (),
     )
-
-
-# The padding cases also time maskkern on the same scores at 0% padding, interleaved with the rest:
-# padding pays is then a ratio measured in one run, not two cases timed a minute apart, between
-# which this machine's speed drifts by up to 25%.
-AT_ZERO = "maskkern at 0%"
-
-
-def _at_zero_padding(ctx: Context, B: int, L: int):
-    full = torch.full((B,), L, device=ctx.device)
-    fn = _maskkern(False)(ctx.maskkern_backends(nocache=False)[0][1])
-
-    def at_zero(scores: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        return fn(scores, lengths=full)
-
-    return at_zero
 
 
 def _dtypes(ctx: Context) -> list[torch.dtype]:
@@ -286,9 +271,8 @@ def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
                 Target(f"{label}: × compile", head and head.ratio("compile", "fwd+bwd"), 2),
             ]
         r = results.get(name(_pad_shape(ctx), dtype, "pad=50%"))
-        t50, t0 = (r and r.p50(p, "fwd+bwd") for p in ("maskkern", AT_ZERO))
         label = f"masked_softmax padding pays {d}: fwd+bwd time at 50% / 0% padding (bandwidth floor 0.7)"
-        out.append(Target(label, ratio(t50, t0), 0.75, "<=", ""))
+        out.append(Target(label, pays(r), 0.75, "<=", ""))
     return out
 
 
