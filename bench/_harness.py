@@ -363,6 +363,14 @@ class GradSlots:
             t.grad = None
 
 
+# CPU: each sample starts after a read of this many bytes, twice the last-level cache of the
+# machines we run on: whatever the provider before left dirty in the caches is written back then,
+# untimed, and every provider starts from the same clean, cold caches. Without it, a provider paid
+# for the writeback of its predecessor's outputs: up to 1.6 ms on the first call of a softmax
+# sample after eager's ~100 MB (maskkern's own streamed outputs leave no dirty lines behind).
+CPU_FLUSH_BYTES = 64 << 20
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]],
     device: torch.device,
@@ -390,10 +398,14 @@ def time_interleaved(
     reps = int(min(hi, max(lo, budget.budget_s / round_s)))
     if on_gpu:
         flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    else:
+        flush = torch.ones(CPU_FLUSH_BYTES // 4, device=device)
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             switch(name)
+            if not on_gpu:
+                flush.sum()
             if on_gpu:
                 flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
