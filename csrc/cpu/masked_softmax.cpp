@@ -186,9 +186,13 @@ int64_t num_tasks(int64_t rows, int64_t row_len) {
 // hardware prefetcher. So partial rows are prefetched about kPrefetchBytes ahead, into L2 (the T2
 // hint). Measured on the headline (4, 8, 512, 512), lengths + causal, fwd+bwd: 6.5 ms without
 // prefetch, 4.2 ms at 16 KiB ahead, 4.0 ms at 32 and 64 KiB; a T0 hint (into L1) 5.3 ms, and
-// prefetching whole rows as well 4.8 ms. Even prefetched, the first half of every 2 KiB row reads
-// no faster than whole rows here (a C loop, 2 threads: 1.15 against 1.14 ms per 32 MiB of rows,
-// 1.57 unprefetched): the memory-bound backward gains little from key padding on this machine.
+// prefetching whole rows as well 4.8 ms. Even prefetched, the first half of every 2 KiB row costs
+// far more than half of whole rows here (C loops, 2 threads: reading alone, 1.15 against 1.14 ms
+// per 32 MiB of rows, 1.57 unprefetched; with the backward's two reads and streamed write,
+// 0.72-0.87 of whole rows): the memory-bound backward gains little from key padding on this
+// machine. Also measured and worse: prefetchnta (1.37x slower fwd+bwd), the hardware prefetcher
+// alone for one of the backward's two inputs (1.47x); no better: prefetching each row's lines in
+// descending order.
 constexpr int64_t kPrefetchBytes = 32768;
 
 // Rows to prefetch ahead for rows of row_len elements of T.
