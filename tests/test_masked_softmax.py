@@ -41,6 +41,7 @@ CASES = {
     "mask-full": ((B, H, LQ, LK), lambda dt, dev: {"mask": _bool_mask((B, H, LQ, LK), dev)}),
     "mask-3d": ((B, LQ, LK), lambda dt, dev: {"mask": _bool_mask((B, 1, LK), dev)}),
     "mask-5d": ((2, 2, 3, LQ, LK), lambda dt, dev: {"mask": _bool_mask((2, 1, 3, 1, LK), dev)}),
+    "mask-rows": ((B, H, LQ, LK), lambda dt, dev: {"mask": _bool_mask((B, 1, LQ, 1), dev, 0.5)}),
     "additive-keys": ((B, H, LQ, LK), lambda dt, dev: {"mask": _additive_mask((LK,), dt, dev)}),
     "additive-full": ((B, H, LQ, LK), lambda dt, dev: {"mask": _additive_mask((B, H, LQ, LK), dt, dev)}),
     "lengths": ((B, H, LQ, LK), lambda dt, dev: {"lengths": torch.tensor([7, LK], device=dev)}),
@@ -172,6 +173,26 @@ def test_row_lengths(backend, device, lk):
     out = mk.masked_softmax(scores, lengths=lengths, causal="bottom_right", backend=backend)
     ref_scores = scores.detach().clone().requires_grad_()
     ref = reference.masked_softmax(ref_scores, lengths=lengths, causal="bottom_right")
+    assert_close(out, ref, torch.float32)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert_close(scores.grad, ref_scores.grad, torch.float32, scale=10.0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("lk", [40, 1000])
+def test_bool_key_padding_mask(backend, device, lk):
+    """Bool masks whose rows end in dropped keys, as a key padding mask (B, 1, 1, Lk) does: the
+    cpu kernel does not read those keys, in runs of 32 and then one by one."""
+    kept = [0, 1, 7, lk - 33, lk - 32, lk - 31, lk]
+    scores = _scores((len(kept), 2, 3, lk), torch.float32, device, requires_grad=True)
+    mask = torch.arange(lk, device=device) < torch.tensor(kept, device=device)[:, None]
+    mask &= _bool_mask((len(kept), lk), device, 0.8)  # holes within the kept prefix as well
+    mask = mask[:, None, None, :]
+    out = mk.masked_softmax(scores, mask, causal="bottom_right", backend=backend)
+    ref_scores = scores.detach().clone().requires_grad_()
+    ref = reference.masked_softmax(ref_scores, mask, causal="bottom_right")
     assert_close(out, ref, torch.float32)
     g = torch.randn_like(out)
     out.backward(g)

@@ -23,8 +23,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/output_memory.h"
@@ -54,6 +56,37 @@ acc_t row_sum(int64_t n, const Term& term) {
   return static_cast<acc_t>(total);
 }
 
+// All-ones lanes where the bools at p are true, one bool per lane of Vectorized<acc_t>. ATen's
+// VecMask::from(const bool*) writes the lanes one by one to memory and loads them back as a vector
+// (a store-forwarding stall each time): the forward with a bool mask took twice the time of the
+// unmasked one.
+template <typename acc_t>
+Vectorized<acc_t> keep_lanes(const bool* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_castsi512_ps(_mm512_movm_epi32(_mm_test_epi8_mask(bytes, bytes)));
+  } else {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm512_castsi512_pd(
+        _mm512_movm_epi64(static_cast<__mmask8>(_mm_test_epi8_mask(bytes, bytes))));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i zero = _mm256_setzero_si256();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), zero));
+  } else {
+    int32_t four;
+    std::memcpy(&four, p, sizeof(four));
+    const __m256i wide = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+    return _mm256_castsi256_pd(_mm256_cmpgt_epi64(wide, zero));
+  }
+#else
+  return at::vec::VecMask<acc_t, 1>::from(p);
+#endif
+}
+
 // A row of the mask: elements at ptr[j * stride]. mask_t = bool (true = keep) or scores' dtype
 // (additive); NoMask when there is none.
 struct NoMask {};
@@ -77,10 +110,33 @@ struct MaskRow {
       src = gathered;
     }
     if constexpr (std::is_same_v<mask_t, bool>) {
-      return at::vec::VecMask<acc_t, 1>::from(src);
+      return keep_lanes<acc_t>(src);
     } else {
       return load(src, lanes);
     }
+  }
+
+  // n without the keys at its end that a bool mask drops: they need not be read. A key padding
+  // mask (B, 1, 1, Lk) then costs what lengths do.
+  int64_t kept_extent(int64_t n) const {
+    if constexpr (std::is_same_v<mask_t, bool>) {
+      if (stride == 0) {
+        return n > 0 && ptr[0] ? n : 0;
+      }
+      if (stride == 1) {
+        // 32 keys at a time while all are dropped (bools are bytes of 0 or 1).
+        for (uint64_t words[4]; n >= 32; n -= 32) {
+          std::memcpy(words, ptr + n - 32, sizeof(words));
+          if ((words[0] | words[1] | words[2] | words[3]) != 0) {
+            break;
+          }
+        }
+      }
+      while (n > 0 && !ptr[(n - 1) * stride]) {
+        --n;
+      }
+    }
+    return n;
   }
 };
 
@@ -213,11 +269,11 @@ int64_t prefetch_distance(int64_t row_len) {
   return std::clamp<int64_t>(kPrefetchBytes / row_bytes, 1, 32);
 }
 
+// Prefetches keys [0, n) of a row of row_len elements at `row` (partial rows only).
 template <typename T>
-void prefetch_row(const T* base, const RowGeometry& geo, int64_t row) {
-  const int64_t n = geo.key_extent(row);
-  if (n < geo.row_len()) {
-    const char* c = reinterpret_cast<const char*>(base + row * geo.row_len());
+void prefetch_row(const T* row, int64_t n, int64_t row_len) {
+  if (n < row_len) {
+    const char* c = reinterpret_cast<const char*>(row);
     for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) {
       __builtin_prefetch(c + b, 0, 1);  // read, locality 1 = prefetcht2
       // GCC (12, -O2 and up) deletes a loop whose only effects are prefetches: a prefetch is no
@@ -331,18 +387,24 @@ void softmax_rows(const at::Tensor& scores, const mask_t* mask_data, at::IntArra
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
   const bool stream = worth_streaming(out.nbytes());
 
+  // The row's mask and its key extent, less the trailing keys a bool mask drops.
+  const auto row_mask = [&](int64_t row) {
+    MaskRow<mask_t> mask{mask_data, 0};
+    if constexpr (!std::is_same_v<mask_t, NoMask>) {
+      mask.ptr += geo.batch(row) * mask_strides[0] + geo.head(row) * mask_strides[1] +
+                  geo.query(row) * mask_strides[2];
+      mask.stride = mask_strides[3];
+    }
+    return std::pair{mask, mask.kept_extent(geo.key_extent(row))};
+  };
   parallel_rows(rows, Lk, tasks, [&](int64_t task, const RowBlock& block) {
-    const auto prefetch = [&](int64_t row) { prefetch_row(x, geo, row); };
+    const auto prefetch = [&](int64_t row) {
+      prefetch_row(x + row * Lk, row_mask(row).second, Lk);
+    };
     rows_prefetched(block, prefetch_distance<scalar_t>(Lk), 0, prefetch, [&](int64_t row) {
-      MaskRow<mask_t> mask{mask_data, 0};
-      if constexpr (!std::is_same_v<mask_t, NoMask>) {
-        mask.ptr += geo.batch(row) * mask_strides[0] + geo.head(row) * mask_strides[1] +
-                    geo.query(row) * mask_strides[2];
-        mask.stride = mask_strides[3];
-      }
-      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, geo.key_extent(row), Lk,
-                                    static_cast<acc_t>(scale), scratch.data() + task * padded,
-                                    y + row * Lk, stream);
+      const auto [mask, n] = row_mask(row);
+      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, n, Lk, static_cast<acc_t>(scale),
+                                    scratch.data() + task * padded, y + row * Lk, stream);
     });
   });
 }
@@ -430,8 +492,9 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_i
         std::vector<scalar_t> scratch(stream ? static_cast<size_t>(tasks * Lk) : 0);
         parallel_rows(rows, Lk, tasks, [&](int64_t task, const RowBlock& block) {
           const auto prefetch = [&](int64_t row) {
-            prefetch_row(g, geo, row);
-            prefetch_row(y, geo, row);
+            const int64_t n = geo.key_extent(row);
+            prefetch_row(g + row * Lk, n, Lk);
+            prefetch_row(y + row * Lk, n, Lk);
           };
           const int64_t ahead = prefetch_distance<scalar_t>(Lk);
           rows_prefetched(block, ahead, ahead / 4, prefetch, [&](int64_t row) {
