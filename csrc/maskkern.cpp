@@ -31,10 +31,11 @@ TORCH_LIBRARY(maskkern, m) {
   m.def(
       "masked_softmax_fwd(Tensor scores, Tensor? mask, Tensor? lengths, Tensor? query_lengths, "
       "int causal, float scale) -> Tensor");
-  // dX = scale * Y * (dY - sum(Y * dY)); lengths/causal only let the kernel skip masked tails.
+  // dX = scale * Y * (dY - sum(Y * dY)); the forward's mask, lengths and causal only let the
+  // kernel skip the keys they drop at the rows' ends (Y is zero there).
   m.def(
-      "masked_softmax_bwd(Tensor grad, Tensor out, Tensor? lengths, Tensor? query_lengths, "
-      "int causal, float scale) -> Tensor");
+      "masked_softmax_bwd(Tensor grad, Tensor out, Tensor? mask, Tensor? lengths, "
+      "Tensor? query_lengths, int causal, float scale) -> Tensor");
   // pad_embedding: ids (N,) int32/int64; weight (V, D) with unit column stride (rows read through
   // stride(0)); pad -1 = none, else in [0, V); zero_pad: pad positions give zeros without reading
   // the weight. Ids outside [0, V) give zero rows (the caller checks them unless told not to).

@@ -266,7 +266,7 @@ def test_opcheck_native_kernels(device):
     lengths = torch.tensor([3, LK], device=device)
     torch.library.opcheck(torch.ops.maskkern.masked_softmax_fwd.default, (s, mask, lengths, None, 1, 0.5))
     y = torch.softmax(s, -1)
-    torch.library.opcheck(torch.ops.maskkern.masked_softmax_bwd.default, (s, y, lengths, None, 1, 0.5))
+    torch.library.opcheck(torch.ops.maskkern.masked_softmax_bwd.default, (s, y, mask, lengths, None, 1, 0.5))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

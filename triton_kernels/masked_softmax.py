@@ -345,13 +345,15 @@ def masked_softmax_fwd(
 def masked_softmax_bwd(
     grad: Tensor,
     out: Tensor,
+    mask: Tensor | None,
     lengths: Tensor | None,
     query_lengths: Tensor | None,
     causal: int,
     scale: float,
 ) -> Tensor:
     """dX = scale * Y * (dY - sum(Y * dY)) for contiguous (B, H, Lq, Lk) ``grad`` = dY and
-    ``out`` = Y; the tail cut off by lengths / causal / query_lengths is written as zeros unread.
+    ``out`` = Y; the tail cut off by lengths / causal / query_lengths is written as zeros unread
+    (``mask``, the forward's, is not used here: the rows are read up to that extent).
     Returns a new contiguous tensor of out's dtype."""
     dx = torch.empty_like(out)
     _launch(_bwd_rows_kernel, _bwd_long_kernel, (dx, grad, out), out, lengths, query_lengths, causal, scale)

@@ -26,7 +26,6 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "cpu/output_memory.h"
@@ -210,6 +209,26 @@ class RowGeometry {
   int64_t H_, Lq_, Lk_;
 };
 
+// The rows of a (B, H, Lq, Lk) mask view (mask_t = NoMask: none) and their key extents: the
+// geometry's, less the keys a bool mask drops at the row's end.
+template <typename mask_t>
+struct RowMasks {
+  const mask_t* data;  // nullptr for NoMask
+  at::IntArrayRef strides;
+  const RowGeometry& geo;
+
+  MaskRow<mask_t> at(int64_t row) const {
+    if constexpr (std::is_same_v<mask_t, NoMask>) {
+      return {nullptr, 0};
+    } else {
+      return {data + geo.batch(row) * strides[0] + geo.head(row) * strides[1] +
+                  geo.query(row) * strides[2],
+              strides[3]};
+    }
+  }
+  int64_t extent(int64_t row) const { return at(row).kept_extent(geo.key_extent(row)); }
+};
+
 // Rows cost in proportion to their key extent (lengths, causal), and at::parallel_for gives each
 // thread one contiguous range of its indices: so the indices are tasks (one per thread), and each
 // task takes the next block of rows from a shared counter when it is done with its last. A fixed
@@ -254,11 +273,14 @@ int64_t num_tasks(int64_t rows, int64_t row_len) {
 // hint). Measured on the headline (4, 8, 512, 512), lengths + causal, fwd+bwd: 6.5 ms without
 // prefetch, 4.2 ms at 16 KiB ahead, 4.0 ms at 32 and 64 KiB; a T0 hint (into L1) 5.3 ms, and
 // prefetching whole rows as well 4.8 ms. Even prefetched, the first half of every 2 KiB row costs
-// far more than half of whole rows here (C loops, 2 threads: reading alone, 1.15 against 1.14 ms
-// per 32 MiB of rows, 1.57 unprefetched; with the backward's two reads and streamed write,
-// 0.72-0.87 of whole rows): the memory-bound backward gains little from key padding on this
-// machine. Also measured and worse: prefetchnta (1.37x slower fwd+bwd), the hardware prefetcher
-// alone for one of the backward's two inputs (1.47x); no better: prefetching each row's lines in
+// far more than half of whole rows here (C loops, 2 threads: reading alone, 0.6 to 1.0 of the
+// time of whole rows from one day's spell to another's, 0.8 to 1.4 unprefetched; with the
+// backward's two reads and streamed write, 0.72-0.87), and the kernels' own backward at 50% key
+// padding takes 0.74-0.87 of its time at 0%, with the prefetch scheme of rows_prefetched. Also
+// measured and worse: prefetchnta (1.37x slower fwd+bwd), the hardware prefetcher alone for one of
+// the backward's two inputs (1.47x), the two inputs' lines interleaved (6-10% slower), prefetches
+// of every second line only (nothing fetches the other: 8-15% slower in a C loop), no software
+// prefetch for rows kept beyond 3/4 of their length (4% slower on the headline); no better:
 // descending order.
 constexpr int64_t kPrefetchBytes = 32768;
 
@@ -376,52 +398,39 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
 }
 
 template <typename scalar_t, typename mask_t>
-void softmax_rows(const at::Tensor& scores, const mask_t* mask_data, at::IntArrayRef mask_strides,
-                  const RowGeometry& geo, double scale, at::Tensor& out) {
+void softmax_rows(const at::Tensor& scores, const RowMasks<mask_t>& masks, double scale,
+                  at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t Lk = geo.row_len(), rows = scores.numel() / Lk;
+  const int64_t Lk = masks.geo.row_len(), rows = scores.numel() / Lk;
   const int64_t tasks = num_tasks(rows, Lk);
   const int64_t padded = (Lk + kLanes<scalar_t> - 1) / kLanes<scalar_t> * kLanes<scalar_t>;
   std::vector<acc_t> scratch(static_cast<size_t>(tasks * padded));
   const scalar_t* x = scores.const_data_ptr<scalar_t>();
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
   const bool stream = worth_streaming(out.nbytes());
-
-  // The row's mask and its key extent, less the trailing keys a bool mask drops.
-  const auto row_mask = [&](int64_t row) {
-    MaskRow<mask_t> mask{mask_data, 0};
-    if constexpr (!std::is_same_v<mask_t, NoMask>) {
-      mask.ptr += geo.batch(row) * mask_strides[0] + geo.head(row) * mask_strides[1] +
-                  geo.query(row) * mask_strides[2];
-      mask.stride = mask_strides[3];
-    }
-    return std::pair{mask, mask.kept_extent(geo.key_extent(row))};
-  };
   parallel_rows(rows, Lk, tasks, [&](int64_t task, const RowBlock& block) {
-    const auto prefetch = [&](int64_t row) {
-      prefetch_row(x + row * Lk, row_mask(row).second, Lk);
-    };
+    const auto prefetch = [&](int64_t row) { prefetch_row(x + row * Lk, masks.extent(row), Lk); };
     rows_prefetched(block, prefetch_distance<scalar_t>(Lk), 0, prefetch, [&](int64_t row) {
-      const auto [mask, n] = row_mask(row);
-      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, n, Lk, static_cast<acc_t>(scale),
-                                    scratch.data() + task * padded, y + row * Lk, stream);
+      softmax_row<scalar_t, mask_t>(x + row * Lk, masks.at(row), masks.extent(row), Lk,
+                                    static_cast<acc_t>(scale), scratch.data() + task * padded,
+                                    y + row * Lk, stream);
     });
   });
 }
 
-// The mask's kind picks the inner loop: none, bool (keep) or additive in scores' dtype.
-template <typename scalar_t>
-void softmax_rows_with_mask(const at::Tensor& scores, const c10::optional<at::Tensor>& mask,
-                            const RowGeometry& geo, double scale, at::Tensor& out) {
-  if (!mask.has_value()) {
-    softmax_rows<scalar_t, NoMask>(scores, nullptr, {}, geo, scale, out);
-  } else if (mask->scalar_type() == at::kBool) {
-    softmax_rows<scalar_t, bool>(scores, mask->const_data_ptr<bool>(), mask->strides(), geo, scale,
-                                 out);
-  } else {
-    softmax_rows<scalar_t, scalar_t>(scores, mask->const_data_ptr<scalar_t>(), mask->strides(), geo,
-                                     scale, out);
+// A mask as the kernels take it: a (B, H, Lq, Lk) view of t's shape, bool or t's dtype.
+void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& t) {
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device().is_cpu(), "mask must be a CPU tensor");
+    TORCH_CHECK(mask->sizes() == t.sizes(), "mask must be a (B, H, Lq, Lk) view of shape ",
+                t.sizes(), ", got ", mask->sizes());
+    TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == t.scalar_type(),
+                "mask must be bool or ", t.scalar_type(), ", got ", mask->scalar_type());
   }
+}
+
+bool is_bool(const c10::optional<at::Tensor>& mask) {
+  return mask.has_value() && mask->scalar_type() == at::kBool;
 }
 
 at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<at::Tensor>& mask,
@@ -430,21 +439,25 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
                               double scale) {
   check_scores(scores_in, "scores");
   const RowGeometry geo(scores_in, lengths, query_lengths, causal);
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->device().is_cpu(), "mask must be a CPU tensor");
-    TORCH_CHECK(mask->sizes() == scores_in.sizes(), "mask must be a (B, H, Lq, Lk) view of shape ",
-                scores_in.sizes(), ", got ", mask->sizes());
-    TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == scores_in.scalar_type(),
-                "mask must be bool or ", scores_in.scalar_type(), ", got ", mask->scalar_type());
-  }
+  check_mask(mask, scores_in);
   const at::Tensor scores = scores_in.contiguous();
   at::Tensor out = empty_for_writing(scores.sizes(), scores.options());
   if (scores.numel() == 0) {
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, scores.scalar_type(), "masked_softmax",
-      [&] { softmax_rows_with_mask<scalar_t>(scores, mask, geo, scale, out); });
+      at::kHalf, at::kBFloat16, scores.scalar_type(), "masked_softmax", [&] {
+        // The mask's kind picks the inner loop: none, bool (keep) or additive in scores' dtype.
+        if (!mask.has_value()) {
+          softmax_rows<scalar_t>(scores, RowMasks<NoMask>{nullptr, {}, geo}, scale, out);
+        } else if (is_bool(mask)) {
+          const RowMasks<bool> masks{mask->const_data_ptr<bool>(), mask->strides(), geo};
+          softmax_rows<scalar_t>(scores, masks, scale, out);
+        } else {
+          const RowMasks<scalar_t> masks{mask->const_data_ptr<scalar_t>(), mask->strides(), geo};
+          softmax_rows<scalar_t>(scores, masks, scale, out);
+        }
+      });
   return out;
 }
 
@@ -465,7 +478,35 @@ void softmax_backward_row(const scalar_t* g, const scalar_t* y, int64_t n, int64
   });
 }
 
+template <typename scalar_t, typename mask_t>
+void softmax_backward_rows(const at::Tensor& grad, const at::Tensor& out,
+                           const RowMasks<mask_t>& masks, double scale, at::Tensor& dx) {
+  const int64_t Lk = masks.geo.row_len(), rows = out.numel() / Lk;
+  const int64_t tasks = num_tasks(rows, Lk);
+  const bool stream = worth_streaming(dx.nbytes());
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* y = out.const_data_ptr<scalar_t>();
+  scalar_t* d = dx.mutable_data_ptr<scalar_t>();
+  const auto s = static_cast<acc_type<scalar_t>>(scale);
+  std::vector<scalar_t> scratch(stream ? static_cast<size_t>(tasks * Lk) : 0);
+  parallel_rows(rows, Lk, tasks, [&](int64_t task, const RowBlock& block) {
+    const auto prefetch = [&](int64_t row) {
+      const int64_t n = masks.extent(row);
+      prefetch_row(g + row * Lk, n, Lk);
+      prefetch_row(y + row * Lk, n, Lk);
+    };
+    const int64_t ahead = prefetch_distance<scalar_t>(Lk);
+    rows_prefetched(block, ahead, ahead / 4, prefetch, [&](int64_t row) {
+      softmax_backward_row(g + row * Lk, y + row * Lk, masks.extent(row), Lk, s,
+                           scratch.data() + task * Lk, d + row * Lk, stream);
+    });
+  });
+}
+
+// mask: the forward's. A bool mask lets the kernel skip the keys it drops at the rows' ends; an
+// additive one is not read (where it is -inf, Y is 0, but finding out means reading it).
 at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_in,
+                              const c10::optional<at::Tensor>& mask,
                               const c10::optional<at::Tensor>& lengths,
                               const c10::optional<at::Tensor>& query_lengths, int64_t causal,
                               double scale) {
@@ -475,33 +516,20 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_i
   TORCH_CHECK(grad_in.scalar_type() == out_in.scalar_type() && grad_in.device() == out_in.device(),
               "grad must have out's dtype and device");
   const RowGeometry geo(out_in, lengths, query_lengths, causal);
+  check_mask(mask, out_in);
   const at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous();
   at::Tensor dx = empty_for_writing(out.sizes(), out.options());
   if (out.numel() == 0) {
     return dx;
   }
-  const int64_t Lk = geo.row_len(), rows = out.numel() / Lk;
-  const int64_t tasks = num_tasks(rows, Lk);
-  const bool stream = worth_streaming(dx.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "masked_softmax_backward", [&] {
-        const scalar_t* g = grad.const_data_ptr<scalar_t>();
-        const scalar_t* y = out.const_data_ptr<scalar_t>();
-        scalar_t* d = dx.mutable_data_ptr<scalar_t>();
-        const auto s = static_cast<acc_type<scalar_t>>(scale);
-        std::vector<scalar_t> scratch(stream ? static_cast<size_t>(tasks * Lk) : 0);
-        parallel_rows(rows, Lk, tasks, [&](int64_t task, const RowBlock& block) {
-          const auto prefetch = [&](int64_t row) {
-            const int64_t n = geo.key_extent(row);
-            prefetch_row(g + row * Lk, n, Lk);
-            prefetch_row(y + row * Lk, n, Lk);
-          };
-          const int64_t ahead = prefetch_distance<scalar_t>(Lk);
-          rows_prefetched(block, ahead, ahead / 4, prefetch, [&](int64_t row) {
-            softmax_backward_row(g + row * Lk, y + row * Lk, geo.key_extent(row), Lk, s,
-                                 scratch.data() + task * Lk, d + row * Lk, stream);
-          });
-        });
+        if (is_bool(mask)) {
+          const RowMasks<bool> masks{mask->const_data_ptr<bool>(), mask->strides(), geo};
+          softmax_backward_rows<scalar_t>(grad, out, masks, scale, dx);
+        } else {
+          softmax_backward_rows<scalar_t>(grad, out, RowMasks<NoMask>{nullptr, {}, geo}, scale, dx);
+        }
       });
   return dx;
 }

@@ -725,7 +725,9 @@ Tensor masked_softmax_fwd_cuda(const Tensor& scores_in, const std::optional<Tens
   return out;
 }
 
+// mask: unused here (the CUDA kernel reads each row up to its lengths / causal extent).
 Tensor masked_softmax_bwd_cuda(const Tensor& grad_in, const Tensor& out_in,
+                               const std::optional<Tensor>& /*mask*/,
                                const std::optional<Tensor>& lengths_in,
                                const std::optional<Tensor>& query_lengths_in, int64_t causal,
                                double scale) {

@@ -7,7 +7,9 @@ per-backend kernels, which all see the same normalised arguments:
 
     fwd(scores (B, H, Lq, Lk) contiguous, mask None | (B, H, Lq, Lk) strided view,
         lengths None | int64 (B,), query_lengths None | int64 (B,), causal 0|1|2, scale) -> Y
-    bwd(grad, Y, lengths, query_lengths, causal, scale) -> dX = scale * Y * (dY - sum(Y * dY))
+    bwd(grad, Y, mask, lengths, query_lengths, causal, scale) -> dX = scale * Y * (dY - sum(Y * dY))
+
+The backward gets the forward's bool mask (None for an additive one) only to skip what it drops.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def _torch_fwd(scores, mask, lengths, query_lengths, causal, scale):
     )
 
 
-def _torch_bwd(grad, out, lengths, query_lengths, causal, scale):
+def _torch_bwd(grad, out, mask, lengths, query_lengths, causal, scale):
     return reference.masked_softmax_backward(grad, out, scale)
 
 
@@ -176,6 +178,7 @@ def _(scores, mask, lengths, query_lengths, causal, scale, backend):
 def _masked_softmax_backward_op(
     grad: Tensor,
     out: Tensor,
+    mask: Tensor | None,
     lengths: Tensor | None,
     query_lengths: Tensor | None,
     causal: int,
@@ -185,35 +188,38 @@ def _masked_softmax_backward_op(
     if out.numel() == 0:
         return torch.empty_like(out, memory_format=torch.contiguous_format)
     bwd = _kernels(backend)[1]
+    mask4 = None if mask is None else _as_4d(mask.expand(out.shape))
     # Autograd may hand us an expanded or strided grad; the kernels read rows contiguously.
-    dx = bwd(_as_4d(grad.contiguous()), _as_4d(out.contiguous()), lengths, query_lengths, causal, scale)
+    grad4, out4 = _as_4d(grad.contiguous()), _as_4d(out.contiguous())
+    dx = bwd(grad4, out4, mask4, lengths, query_lengths, causal, scale)
     return _shaped(dx, out.shape)
 
 
 @_masked_softmax_backward_op.register_fake
-def _(grad, out, lengths, query_lengths, causal, scale, backend):
+def _(grad, out, mask, lengths, query_lengths, causal, scale, backend):
     return torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     _, mask, lengths, query_lengths, causal, scale, backend = inputs
-    ctx.save_for_backward(output, lengths, query_lengths)
+    keep = mask if mask is not None and mask.dtype == torch.bool else None  # lets bwd skip tails
+    ctx.save_for_backward(output, keep, lengths, query_lengths)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.mask_shape = None if mask is None else mask.shape
 
 
 def _backward(ctx, grad):
-    out, lengths, query_lengths = ctx.saved_tensors
+    out, keep, lengths, query_lengths = ctx.saved_tensors
     bwd = torch.ops.maskkern.masked_softmax_backward
     dscores = dmask = None
     if ctx.needs_input_grad[1]:
         # d/dmask of (scale * s + mask) is 1: the unscaled gradient, summed over broadcast dims.
-        g = bwd(grad, out, lengths, query_lengths, ctx.causal, 1.0, ctx.backend)
+        g = bwd(grad, out, keep, lengths, query_lengths, ctx.causal, 1.0, ctx.backend)
         dmask = g.sum_to_size(ctx.mask_shape)
         if ctx.needs_input_grad[0]:
             dscores = g * ctx.scale
     elif ctx.needs_input_grad[0]:
-        dscores = bwd(grad, out, lengths, query_lengths, ctx.causal, ctx.scale, ctx.backend)
+        dscores = bwd(grad, out, keep, lengths, query_lengths, ctx.causal, ctx.scale, ctx.backend)
     return dscores, dmask, None, None, None, None, None
 
 
@@ -229,7 +235,7 @@ def _register_native_fakes() -> None:
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("maskkern::masked_softmax_bwd")
-    def _(grad, out, lengths, query_lengths, causal, scale):
+    def _(grad, out, mask, lengths, query_lengths, causal, scale):
         return torch.empty_like(out, memory_format=torch.contiguous_format)
 
 
