@@ -233,7 +233,11 @@ struct RowMasks {
               strides[3]};
     }
   }
-  int64_t extent(int64_t row) const { return at(row).kept_extent(geo.key_extent(row)); }
+  // The row's extent, given its mask row at(row).
+  int64_t extent(int64_t row, const MaskRow<mask_t>& mask) const {
+    return mask.kept_extent(geo.key_extent(row));
+  }
+  int64_t extent(int64_t row) const { return extent(row, at(row)); }
 };
 
 // Rows cost in proportion to their key extent (lengths, causal), and at::parallel_for gives each
@@ -418,7 +422,8 @@ void softmax_rows(const at::Tensor& scores, const RowMasks<mask_t>& masks, doubl
   parallel_rows(rows, Lk, tasks, [&](int64_t task, const RowBlock& block) {
     const auto prefetch = [&](int64_t row) { prefetch_row(x + row * Lk, masks.extent(row), Lk); };
     rows_prefetched(block, prefetch_distance<scalar_t>(Lk), 0, prefetch, [&](int64_t row) {
-      softmax_row<scalar_t, mask_t>(x + row * Lk, masks.at(row), masks.extent(row), Lk,
+      const MaskRow<mask_t> mask = masks.at(row);
+      softmax_row<scalar_t, mask_t>(x + row * Lk, mask, masks.extent(row, mask), Lk,
                                     static_cast<acc_t>(scale), scratch.data() + task * padded,
                                     y + row * Lk, stream);
     });
