@@ -255,6 +255,11 @@ def test_opcheck(backend, device):
             m = mask.clone().requires_grad_(requires_grad) if float_mask else mask
             args = (s, m, lengths, qlens, causal, scale, backend)
             torch.library.opcheck(torch.ops.maskkern.masked_softmax.default, args)
+        # The backward op, as autograd calls it: with the forward's bool mask (None for a float one).
+        y = torch.ops.maskkern.masked_softmax(scores, mask, lengths, qlens, causal, scale, backend)
+        keep = mask if mask is not None and mask.dtype == torch.bool else None
+        args = (torch.randn_like(y), y, keep, lengths, qlens, causal, scale, backend)
+        torch.library.opcheck(torch.ops.maskkern.masked_softmax_backward.default, args)
 
 
 @pytest.mark.parametrize("device", ["cpu"])
