@@ -146,6 +146,22 @@ def test_nan_in_kept_position_propagates_and_masked_nan_does_not(backend, device
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nonfinite_rows_are_nan_as_in_eager(backend, device):
+    # The cpu kernel finds a kept NaN in the row's sum, or by a rescan when nothing else is left.
+    scores = torch.randn(4, 40, device=device)
+    scores[0, 7] = float("inf")  # inf - inf
+    scores[1, 33] = float("nan")  # the only key the mask keeps
+    scores[2] = float("-inf")
+    scores[2, 17] = float("nan")  # all else -inf: the max is -inf
+    mask = torch.ones(4, 40, dtype=torch.bool, device=device)
+    mask[1] = False
+    mask[1, 33] = True
+    out = mk.masked_softmax(scores, mask, backend=backend)
+    torch.testing.assert_close(out, reference.masked_softmax(scores, mask), equal_nan=True)
+    assert out[:3].isnan().all() and not out[3].isnan().any()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 3, 0), (0, 0)])
 def test_empty(backend, device, shape):
     scores = torch.randn(shape, device=device, requires_grad=True)

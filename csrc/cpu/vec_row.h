@@ -50,8 +50,7 @@ void store(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v, int64_t count) 
 // expf coefficients, and 2^k applied by vscalefps (which also gives 0 for 2^-150 and inf for
 // 2^128): 13 instructions, against 19 for ATen's exp_u20. x is clamped at -104 first (exp(-104)
 // is 0 in fp32) so that k * ln 2 stays finite for x = -inf. NaN stays NaN.
-// Elsewhere: ATen's exp_u20 (within about 20 ulp; it maps NaN to a finite number, so callers keep
-// NaN away from it). fp64 keeps the accurate exp.
+// Elsewhere: ATen's exp_u20 (within about 20 ulp), with NaN put back. fp64 keeps the accurate exp.
 inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), v);  // a NaN v is returned as is
@@ -68,7 +67,7 @@ inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
   const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(e, k);
 #else
-  return v.exp_u20();
+  return Vectorized<float>::blendv(v.exp_u20(), v, v.isnan());  // exp_u20 maps NaN to a number
 #endif
 }
 inline Vectorized<double> fast_exp(const Vectorized<double>& x) { return x.exp(); }
