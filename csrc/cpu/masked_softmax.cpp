@@ -293,16 +293,15 @@ int64_t num_tasks(int64_t rows, int64_t row_len) {
 // hint). Measured on the headline (4, 8, 512, 512), lengths + causal, fwd+bwd: 6.5 ms without
 // prefetch, 4.2 ms at 16 KiB ahead, 4.0 ms at 32 and 64 KiB; a T0 hint (into L1) 5.3 ms, and
 // prefetching whole rows as well 4.8 ms. Even prefetched, the first half of every 2 KiB row costs
-// far more than half of whole rows here (C loops, 2 threads: reading alone, 0.6 to 1.0 of the
-// time of whole rows from one day's spell to another's, 0.8 to 1.4 unprefetched; with the
-// backward's two reads and streamed write, 0.72-0.87), and the kernels' own backward at 50% key
-// padding took 0.74-0.87 of its time at 0% one day and 0.76-1.3 the next, with the prefetch scheme
-// of rows_prefetched. Also
-// measured and worse: prefetchnta (1.37x slower fwd+bwd), the hardware prefetcher alone for one of
-// the backward's two inputs (1.47x), the two inputs' lines interleaved (6-10% slower), prefetches
-// of every second line only (nothing fetches the other: 8-15% slower in a C loop), no software
-// prefetch for rows kept beyond 3/4 of their length (4% slower on the headline); no better:
-// descending order.
+// far more than half of whole rows here (C loops, 2 threads: reading alone, 0.6 to 1.0 of the time
+// of whole rows from one day's spell to another's, 0.8 to 1.4 unprefetched; with the backward's two
+// reads and streamed write, 0.72-0.87), and the kernels' own backward at 50% key padding took
+// 0.74-0.87 of its time at 0% one day and 0.76-1.3 the next, with the prefetch scheme of
+// rows_prefetched. Also measured and worse: prefetchnta (1.37x slower fwd+bwd), the hardware
+// prefetcher alone for one of the backward's two inputs (1.47x), the two inputs' lines interleaved
+// (6-10% slower), prefetches of every second line only (nothing fetches the other: 8-15% slower in
+// a C loop), no software prefetch for rows kept beyond 3/4 of their length (4% slower on the
+// headline); no better: descending order.
 constexpr int64_t kPrefetchBytes = 32768;
 
 // Rows to prefetch ahead for rows of row_len elements of T.
