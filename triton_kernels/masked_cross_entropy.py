@@ -58,8 +58,9 @@ def _cross_entropy_kernel(
     else:
         # The caller checked the target; an unchecked one still reads nothing out of bounds.
         t_ok = (t >= 0) & (t < C)
-        smoothing = tl.full([], smoothing, COMPUTE)
-        eps = smoothing / C
+        # A new name: the compiler will not let one branch retype a parameter (fp64 -> COMPUTE).
+        smooth = tl.full([], smoothing, COMPUTE)
+        eps = smooth / C
         m = tl.full([], float("-inf"), COMPUTE)
         s = tl.zeros([], COMPUTE)
         w_sum = tl.zeros([], COMPUTE) + C
@@ -86,7 +87,7 @@ def _cross_entropy_kernel(
         w_t = tl.full([], 1.0, COMPUTE)
         if HAS_WEIGHT:
             w_t = tl.load(weight_ptr + t, mask=t_ok, other=float("nan"))
-        ce = (1 - smoothing) * w_t * (lse - x_t)
+        ce = (1 - smooth) * w_t * (lse - x_t)
         if SMOOTH:
             ce += eps * (w_sum * lse - wx_sum)
         tl.store(ce_ptr + row, ce)
@@ -98,9 +99,9 @@ def _cross_entropy_kernel(
                 s_ce = tl.load(scale_ptr)
                 s_z = tl.load(scale_ptr + 1)
             coef = (
-                s_ce * ((1 - smoothing) * w_t + eps * w_sum) + s_z * 2 * tl.full([], z_loss, COMPUTE) * lse
+                s_ce * ((1 - smooth) * w_t + eps * w_sum) + s_z * 2 * tl.full([], z_loss, COMPUTE) * lse
             ) / s
-            true_class = s_ce * (1 - smoothing) * w_t
+            true_class = s_ce * (1 - smooth) * w_t
             g_row = grad_ptr + row * C
             for start in range(0, C, BLOCK):
                 k = start + cols
