@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: test bench bench-quick build lint format cuda-build sanitize info clean
+.PHONY: test bench bench-quick build lint format cuda-build triton-compile sanitize gpu-check info clean
 
 test:  ## the test suite (CPU: cpu + torch backends, triton under TRITON_INTERPRET=1)
 	$(ENV) && $$PY -m pytest tests $(PYTEST_ARGS)
@@ -31,8 +31,14 @@ format:
 cuda-build:  ## compile + link the CUDA sources against a CUDA build of torch (nothing runs)
 	bash scripts/cuda_build.sh
 
+triton-compile:  ## compile every Triton kernel for sm_90 (no GPU needed): registers, stack, spills
+	$(ENV) && $$PY scripts/triton_compile.py
+
 sanitize:  ## the CPU-backend tests under AddressSanitizer + UndefinedBehaviorSanitizer
 	bash scripts/sanitize.sh
+
+gpu-check:  ## on a GPU machine: build, tests, compute-sanitizer, bench, each time-boxed (scripts/gpu_check.sh)
+	bash scripts/gpu_check.sh $(STEPS)
 
 clean:
 	rm -rf build maskkern/*.so build.lock
