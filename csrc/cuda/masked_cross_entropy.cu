@@ -58,8 +58,9 @@ struct Sum {
   }
 };
 
+// Launched with up to 1024 threads: the bound makes ptxas keep registers within what that allows.
 template <typename scalar_t>
-__global__ void cross_entropy_kernel(const Params<scalar_t> p) {
+__global__ void __launch_bounds__(1024) cross_entropy_kernel(const Params<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t buf[kWarpSize];
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();

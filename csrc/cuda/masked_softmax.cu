@@ -577,21 +577,29 @@ int block_threads(int64_t packs) {
                     kBlockMaxThreads);
 }
 
+// The most dynamic shared memory a cached block kernel may use: two such blocks stay resident per
+// SM, each with the runtime's own per-block reserve beside it (1 KB on sm_90).
+size_t cached_smem_cap() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return std::min(prop->sharedMemPerBlockOptin,
+                  prop->sharedMemPerMultiprocessor / 2 - prop->reservedSharedMemPerBlock);
+}
+
 // Bytes of dynamic shared memory for a block kernel that caches `pack_bytes` per pack of the row,
-// or 0 (run the looped kernel) when that is more than half of what a block may have: at least two
-// cached blocks stay resident per SM.
+// or 0 (run the looped kernel) when that is over cached_smem_cap().
 size_t cached_smem_bytes(int64_t packs, size_t pack_bytes) {
   const size_t bytes = kReduceBytes + packs * pack_bytes;
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin / 2;
-  return bytes <= limit ? bytes : 0;
+  return bytes <= cached_smem_cap() ? bytes : 0;
 }
 
 template <typename Params>
 void launch_block(void (*kernel)(Params), const Params& p, int threads, size_t smem,
                   cudaStream_t stream) {
   if (smem > 48 * 1024) {  // the default limit; more needs an opt-in per kernel
+    // The cap, not this launch's size: the attribute is per kernel for the whole process, and a
+    // smaller size set by another host thread between this set and this launch would fail it.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+                                        static_cast<int>(cached_smem_cap())));
   }
   const auto blocks = static_cast<unsigned>(std::min(p.rows, kMaxBlocks));
   kernel<<<blocks, threads, smem, stream>>>(p);
