@@ -65,6 +65,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -438,7 +439,6 @@ def _stderr_silenced():
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated above the live ones during one call of ``fn`` (see the module doc)."""
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -449,6 +449,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # a collection inside the call would show as frees the call did not make
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     allocations = []
@@ -531,15 +532,23 @@ def _max_error(actual: list, expected: list, tol: tuple[float, float] | None) ->
                 ok, err = False, math.inf
             continue
         rtol, atol = tol or TOL.get(e.dtype, (0.0, 0.0))
-        a64, e64 = a.double(), e.to(a.device).double()
-        if not torch.equal(a64.isnan(), e64.isnan()):
-            ok, err = False, math.nan
-            continue
-        diff = (a64 - e64).abs().nan_to_num(0.0)
-        if not math.isnan(err) and diff.numel():
-            err = max(err, float(diff.max()))
-        ok = ok and torch.allclose(a64, e64, rtol, atol, equal_nan=True)
+        # In float64, in chunks: a whole copy of a GPU cross-entropy gradient (2^31 elements)
+        # would be 16 GiB per tensor.
+        for a_part, e_part in zip(
+            a.reshape(-1).split(CHECK_CHUNK), e.reshape(-1).split(CHECK_CHUNK), strict=True
+        ):
+            a64, e64 = a_part.double(), e_part.to(a.device).double()
+            if not torch.equal(a64.isnan(), e64.isnan()):
+                ok, err = False, math.nan
+                break
+            diff = (a64 - e64).abs().nan_to_num(0.0)
+            if not math.isnan(err) and diff.numel():
+                err = max(err, float(diff.max()))
+            ok = ok and torch.allclose(a64, e64, rtol, atol, equal_nan=True)
     return ok, err
+
+
+CHECK_CHUNK = 1 << 26  # elements compared at a time by _max_error (512 MiB in float64)
 
 
 def _prepare(case: Case) -> tuple[dict[str, Any], list[Tensor], Tensor | None, list | None]:
@@ -661,7 +670,11 @@ class Context:
             for name, (p50, p20, p80) in stats.items():
                 for t in leaves:  # grads of the last run would be freed inside the measured call
                     t.grad = None
-                peak = peak_memory(calls[name], self.device)
+                try:
+                    peak = peak_memory(calls[name], self.device)
+                except Exception as exc:  # out of memory, say: the time stands, the peak is unknown
+                    peak = None
+                    result.errors.setdefault(name, f"{mode} peak memory: {_error_text(exc)}")
                 gbps = None if nbytes is None else nbytes / (p50 * 1e-3) / 1e9
                 result.times[(name, mode)] = Measurement(p50, p20, p80, peak, gbps)
             for t in leaves:
@@ -877,14 +890,18 @@ def main(modules: list[ModuleType], argv: list[str] | None = None, suite: bool =
     from tqdm import tqdm
 
     args = parse_args(argv)
+    # A time box's signal (timeout sends TERM, or INT, which a shell leaves ignored in a background
+    # job) stops the run the way Ctrl-C does: the finished cases are written.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    only = {k for k in args.only.split(",") if k}
-    unknown = only - {m.KERNEL for m in modules}
+    only = list(dict.fromkeys(k for k in args.only.split(",") if k))
+    by_name = {m.KERNEL: m for m in modules}
+    unknown = [k for k in only if k not in by_name]
     if unknown:
-        known = ", ".join(m.KERNEL for m in modules)
-        raise SystemExit(f"--only: unknown kernel(s) {', '.join(sorted(unknown))}; known: {known}")
-    modules = [m for m in modules if not only or m.KERNEL in only]
+        raise SystemExit(f"--only: unknown kernel(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+    modules = [by_name[k] for k in only] if only else modules  # in --only's order
     slug = device_slug(device)
     out_dir = args.out or (RESULTS / "tmp" / f"{slug}-quick" if args.quick else RESULTS / slug)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -900,45 +917,65 @@ def main(modules: list[ModuleType], argv: list[str] | None = None, suite: bool =
             failed = True
     bar = tqdm(total=sum(len(c.modes) for _, cases in plan for c in cases), unit="step", dynamic_ncols=True)
     targets: list[Target] = []
+    interrupted = False
     for module, cases in plan:
         results = {}
-        for case in cases:
-
-            def on_mode(mode: str, case: Case = case, kernel: str = module.KERNEL) -> None:
-                if mode != case.modes[0]:
-                    bar.update(1)
-                bar.set_description(f"{kernel} {case.name} {mode}")
-
-            results[case.name] = ctx.run_case(case, on_mode)
-            bar.update(1)
-            gc.collect()
-            if ctx.on_gpu:
-                torch.cuda.empty_cache()
         try:
-            kernel_targets = module.targets(ctx, results) if hasattr(module, "targets") else []
-        except Exception:
-            print(f"[bench] {module.KERNEL}: targets() failed:\n{traceback.format_exc()}", file=sys.stderr)
-            kernel_targets, failed = [], True
+            for case in cases:
+
+                def on_mode(mode: str, case: Case = case, kernel: str = module.KERNEL) -> None:
+                    if mode != case.modes[0]:
+                        bar.update(1)
+                    bar.set_description(f"{kernel} {case.name} {mode}")
+
+                results[case.name] = ctx.run_case(case, on_mode)
+                bar.update(1)
+                gc.collect()
+                if ctx.on_gpu:
+                    torch.cuda.empty_cache()
+        except KeyboardInterrupt:  # a time box (SIGINT): keep what this kernel has measured
+            interrupted = True
+            print(f"\n[bench] interrupted in {module.KERNEL}: writing its finished cases", file=sys.stderr)
+        kernel_targets, ok = _write_kernel(module, results, ctx)
         targets += kernel_targets
-        table = markdown_table(module.KERNEL, list(results.values()), ctx)
-        if kernel_targets:
-            table += "\n" + summary_rows(kernel_targets) + "\n"
-        tqdm.write(table)
-        (out_dir / f"{module.KERNEL}.md").write_text(table)
-        with open(out_dir / f"{module.KERNEL}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(csv_rows(module.KERNEL, list(results.values()), ctx))
-        if ctx.plots:
-            plot(module.KERNEL, list(results.values()), ctx)
-        failed |= any(
-            "case" in r.errors or (_is_maskkern(p) and (p in r.errors or not r.check.get(p, (True, 0))[0]))
-            for r in results.values()
-            for p in r.case.providers
-        )
+        failed |= not ok
+        if interrupted:
+            break
     bar.close()
     summary = summary_markdown(targets, ctx)
     print(summary)
-    if suite and not only:
+    if suite and not only and not interrupted:
         (out_dir / "SUMMARY.md").write_text(summary)
-    return 1 if failed else 0
+    return 130 if interrupted else 1 if failed else 0
+
+
+def _write_kernel(
+    module: ModuleType, results: dict[str, CaseResult], ctx: Context
+) -> tuple[list[Target], bool]:
+    """Prints and writes one kernel's table, CSV and plots; returns its targets and whether its
+    maskkern providers all ran and passed their checks."""
+    from tqdm import tqdm
+
+    ok = True
+    try:
+        kernel_targets = module.targets(ctx, results) if hasattr(module, "targets") else []
+    except Exception:
+        print(f"[bench] {module.KERNEL}: targets() failed:\n{traceback.format_exc()}", file=sys.stderr)
+        kernel_targets, ok = [], False
+    table = markdown_table(module.KERNEL, list(results.values()), ctx)
+    if kernel_targets:
+        table += "\n" + summary_rows(kernel_targets) + "\n"
+    tqdm.write(table)
+    (ctx.out_dir / f"{module.KERNEL}.md").write_text(table)
+    with open(ctx.out_dir / f"{module.KERNEL}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(module.KERNEL, list(results.values()), ctx))
+    if ctx.plots:
+        plot(module.KERNEL, list(results.values()), ctx)
+    ok &= not any(
+        "case" in r.errors or (_is_maskkern(p) and (p in r.errors or not r.check.get(p, (True, 0))[0]))
+        for r in results.values()
+        for p in r.case.providers
+    )
+    return kernel_targets, ok

@@ -43,8 +43,11 @@ def _liger(ctx: Context):
         return None
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
-    except ImportError:
+    except Exception:  # not installed, or broken against this torch: the table goes on without it
         return None
+    # Liger writes its gradient over the logits, in place. It is the last provider, so every
+    # other provider's check (all made before any timing) sees the real logits; the timed calls
+    # after its first one run on gradient values, which a memory-bound kernel does not notice.
     return lambda logits, target: liger_cross_entropy(logits, target)
 
 
@@ -116,6 +119,12 @@ def cases(ctx: Context) -> list[Case]:
     return out
 
 
+def _peak_buffers(result: CaseResult | None, provider: str, logits_bytes: int) -> float | None:
+    """``provider``'s fwd+bwd peak memory above the inputs, in logits-sized buffers."""
+    m = result and result.times.get((provider, "fwd+bwd"))
+    return None if not m or m.peak_bytes is None else m.peak_bytes / logits_bytes
+
+
 def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
     """fwd+bwd at the headline shape with 25% ignored: × eager and × compile (CPU) or × Liger (GPU),
     peak memory above the inputs in logits-sized buffers; and ignoring pays (50% vs 0% ignored)."""
@@ -125,21 +134,20 @@ def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
         head = results.get(name(shape, dtype, 0.25))
         label = f"masked_cross_entropy fwd+bwd {name(shape, dtype, 0.25)}"
         logits_bytes = shape[0] * shape[1] * dtype.itemsize
-        m = head and head.times.get(("maskkern", "fwd+bwd"))
-        peak = m and m.peak_bytes is not None and m.peak_bytes / logits_bytes
+        peak = _peak_buffers(head, "maskkern", logits_bytes)
         if ctx.on_gpu:
-            liger = head and head.times.get(("liger", "fwd+bwd"))
             out.append(Target(f"{label}: × Liger", head and head.ratio("liger", "fwd+bwd"), 1.0))
-            liger_peak = liger and liger.peak_bytes and liger.peak_bytes / logits_bytes
-            out.append(Target(f"{label}: peak memory - Liger's (logits buffers)", peak and liger_peak
-                              and peak - liger_peak, 0.0, "<=", ""))  # fmt: skip
+            # Liger writes its gradient over the logits (DESIGN.md: silent corruption), so its peak
+            # is ~0 buffers; a caller who keeps the logits intact clones them first: + 1 buffer.
+            liger = _peak_buffers(head, "liger", logits_bytes)
+            over = None if peak is None or liger is None else peak - (liger + 1)
+            label_mem = f"{label}: peak memory - (Liger's + the 1 logits copy it needs) (logits buffers)"
+            out.append(Target(label_mem, over, 0.01, "<=", ""))  # (N,)-sized vectors: 1% of slack
         else:
             out.append(Target(f"{label}: × eager", head and head.ratio("eager", "fwd+bwd"), 3))
             out.append(Target(f"{label}: × compile", head and head.ratio("compile", "fwd+bwd"), 2))
         # One logits-sized buffer, plus (N,)-sized vectors (targets, per-row losses): 1% of slack.
-        out.append(
-            Target(f"{label}: peak memory above inputs (logits buffers)", peak or None, 1.01, "<=", "")
-        )
+        out.append(Target(f"{label}: peak memory above inputs (logits buffers)", peak, 1.01, "<=", ""))
         out.append(
             Target(
                 "masked_cross_entropy ignoring pays: fwd+bwd time at 50% / 0% ignored",
