@@ -130,6 +130,9 @@ def _cross_entropy_cases() -> list[tuple[str, Callable[[], None]]]:
                     scale = torch.ones(2, dtype=cdt) if weighted else None
                     grad = torch.empty_like(logits) if with_grad else None
                     ce.masked_cross_entropy_fwd(logits, target, valid, weight, smoothing, 0.01, scale, grad)
+                    if with_grad:  # the backward's scale: one factor per row, or one for all
+                        factors = torch.rand(4 if weighted else 1, dtype=cdt)
+                        ce.masked_cross_entropy_scale_(grad, valid, factors)
 
                 cases.append((f"masked_cross_entropy {dtype} C={c} {flags}", case))
     return cases

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import maskkern as mk
 from maskkern import reference
+from maskkern.ops.masked_cross_entropy import scale_kernel
 
 from .utils import FLOAT_DTYPES, INF_MINUS_INF, assert_close, backend_device_params
 
@@ -357,20 +358,21 @@ def test_opcheck_native_kernel():
     torch.library.opcheck(scale_, (torch.randn(6, C, dtype=torch.float16), valid, torch.tensor([0.5])))
 
 
-def test_native_scale_skips_rows_that_do_not_count():
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKENDS if b != "torch"])
+def test_scale_kernel_skips_rows_that_do_not_count(backend, device):
     """The in-place backward kernel scales the counted rows (one rounding from fp32, as torch's
-    multiply) and leaves the others untouched, whatever their factor."""
-    if not mk.backends()["cpu"].available:
-        pytest.skip("maskkern._C not built")
-    valid = torch.tensor([True, False, True, True])
+    multiply) and leaves the others untouched, whatever their factor; one factor serves all rows."""
+    scale_ = scale_kernel(backend)
+    valid = torch.tensor([True, False, True, True], device=device)
     for dtype in FLOAT_DTYPES:
-        grad = torch.randn(4, 37, dtype=torch.float64).to(dtype)
+        grad = torch.randn(4, 37, dtype=torch.float64).to(dtype).to(device)
         grad[1] = 7  # a row that does not count: left as it is
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        factors = torch.tensor([0.3, float("inf"), 1.0, -2.5], dtype=cdt)
-        expected = torch.where(valid[:, None], (grad.to(cdt) * factors[:, None]).to(dtype), grad)
-        torch.ops.maskkern.masked_cross_entropy_scale_(grad, valid, factors)
-        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+        for factors in ([0.3, float("inf"), 1.0, -2.5], [-0.5]):
+            factors = torch.tensor(factors, dtype=cdt, device=device)
+            expected = torch.where(valid[:, None], (grad.to(cdt) * factors[:, None]).to(dtype), grad)
+            scale_(grad, valid, factors)
+            torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -165,3 +165,46 @@ def masked_cross_entropy_fwd(
         num_warps=num_warps(block),
     )
     return ce, lse
+
+
+@triton.jit
+def _scale_kernel(
+    grad_ptr,  # (N, C) contiguous, scaled in place: the logits gradient the forward wrote
+    valid_ptr,  # (N,) bool: the row counts
+    factor_ptr,  # (N,) or (1,) COMPUTE: each row's incoming gradient (factor_stride 0: one for all)
+    factor_stride,  # 1, or 0 for a single factor (a mean or sum loss)
+    C,  # classes per row
+    BLOCK: tl.constexpr,  # classes per chunk (power of two); one row per program
+):
+    row = tl.program_id(0).to(tl.int64)
+    f = tl.load(factor_ptr + row * factor_stride)
+    # A row that does not count is zeros and stays zeros whatever its factor (0 * inf would be
+    # NaN, eager gives 0); a factor of 1 (loss.backward() of a mean or sum) changes nothing. Neither
+    # is read: with a mean loss this whole pass reads N factors and flags.
+    if (tl.load(valid_ptr + row) != 0) & (f != 1.0):
+        g_row = grad_ptr + row * C
+        cols = tl.arange(0, BLOCK)
+        for start in range(0, C, BLOCK):
+            k = start + cols
+            g = tl.load(g_row + k, mask=k < C, other=0.0).to(f.dtype) * f
+            tl.store(g_row + k, cast_out(g, grad_ptr.dtype.element_ty), mask=k < C)
+
+
+def masked_cross_entropy_scale_(grad: Tensor, valid: Tensor, grad_loss: Tensor) -> None:
+    """Scales the rows of ``grad`` ((N, C) contiguous) that count by their incoming gradient
+    ``grad_loss`` (1 or N values of the compute dtype), in place; the contract of the C++ op of
+    the same name (csrc/maskkern.cpp)."""
+    n, c = grad.shape
+    if n == 0 or c == 0:
+        return
+    block = min(row_block(c, grad.dtype)[0], 4096)  # a streaming pass: no need for a whole row
+    grad_loss = grad_loss.contiguous()
+    _scale_kernel[(n,)](
+        grad,
+        valid.contiguous(),
+        grad_loss,
+        0 if grad_loss.numel() == 1 else 1,
+        c,
+        BLOCK=block,
+        num_warps=num_warps(block),
+    )

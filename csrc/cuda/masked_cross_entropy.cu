@@ -1,5 +1,6 @@
 // masked_cross_entropy on CUDA: one thread block per row of C logits; the contract is in
 // csrc/maskkern.cpp (the same as the CPU kernel's), the reduction over rows is done by the caller.
+// The backward's in-place scale (masked_cross_entropy_scale_) is at the end.
 //
 // A row that does not count is never read: ce = lse = 0 and its gradient row zeros. A counted row
 // makes three coalesced passes (the 2nd and 3rd mostly from L2): the block max; sum(exp(x - max))
@@ -146,6 +147,12 @@ void check_vector(const c10::optional<at::Tensor>& t, const char* name, const at
   }
 }
 
+// Threads of a block that works on one row of C values: enough to cover the row in a few strides,
+// at most 1024 (a multiple of 32).
+int row_threads(int64_t C) {
+  return C >= 16384 ? 1024 : C >= 2048 ? 512 : C >= 256 ? 128 : kWarpSize;
+}
+
 c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
 }
@@ -182,8 +189,7 @@ std::tuple<at::Tensor, at::Tensor> masked_cross_entropy_fwd_cuda(
   if (N == 0) {
     return {ce, lse};
   }
-  // Enough threads to cover a row in a few strides, at most 1024 (a multiple of 32).
-  const int threads = C >= 16384 ? 1024 : C >= 2048 ? 512 : C >= 256 ? 128 : kWarpSize;
+  const int threads = row_threads(C);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -208,10 +214,59 @@ std::tuple<at::Tensor, at::Tensor> masked_cross_entropy_fwd_cuda(
   return {ce, lse};
 }
 
+// Backward: the rows of grad that count, scaled in place by their incoming gradient (one factor
+// for all rows, or one per row, read on the device). A row that does not count is zeros and stays
+// so whatever its factor (0 * inf would be NaN; eager gives 0), and a factor of 1 (loss.backward()
+// of a mean or sum) changes nothing: neither row is read.
+template <typename scalar_t>
+__global__ void __launch_bounds__(1024)
+    scale_kernel(scalar_t* grad, const bool* valid, const at::opmath_type<scalar_t>* factor,
+                 int64_t factor_stride, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row = blockIdx.x;
+  const acc_t f = factor[row * factor_stride];
+  if (!valid[row] || f == acc_t(1)) {
+    return;
+  }
+  scalar_t* g = grad + row * C;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    g[j] = static_cast<scalar_t>(static_cast<acc_t>(g[j]) * f);
+  }
+}
+
+void masked_cross_entropy_scale_cuda(at::Tensor& grad, const at::Tensor& valid_in,
+                                     const at::Tensor& grad_loss_in) {
+  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
+              "grad must be a contiguous (N, C) CUDA tensor, got shape ", grad.sizes());
+  const int64_t N = grad.size(0), C = grad.size(1);
+  const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_vector(valid_in, "valid", grad, N, at::kBool);
+  TORCH_CHECK(grad_loss_in.device() == grad.device() && grad_loss_in.scalar_type() == acc &&
+                  (grad_loss_in.numel() == 1 || grad_loss_in.numel() == N),
+              "grad_loss must hold 1 or N = ", N, " values of dtype ", acc, " on ", grad.device(),
+              ", got shape ", grad_loss_in.sizes(), " and dtype ", grad_loss_in.scalar_type());
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 rows, got ", N);
+  if (N == 0 || C == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor valid = valid_in.contiguous(), grad_loss = grad_loss_in.contiguous();
+  const int64_t factor_stride = grad_loss.numel() == 1 ? 0 : 1;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "masked_cross_entropy_scale_cuda", [&] {
+        scale_kernel<scalar_t><<<static_cast<unsigned>(N), row_threads(C), 0, stream>>>(
+            grad.mutable_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
+            grad_loss.const_data_ptr<at::opmath_type<scalar_t>>(), factor_stride, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskkern, CUDA, m) {
   m.impl("masked_cross_entropy_fwd", &masked_cross_entropy_fwd_cuda);
+  m.impl("masked_cross_entropy_scale_", &masked_cross_entropy_scale_cuda);
 }
 
 }  // namespace maskkern

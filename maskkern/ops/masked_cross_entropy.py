@@ -21,8 +21,9 @@ copied to rows (class dim not last, or strided), computes the gradient in place 
 Backward multiplies that saved buffer in place by the incoming gradient (per row under "none") and
 hands it on, since the graph is freed after it: fwd+bwd hold one logits-sized buffer beyond the
 input. Rows that do not count keep their zero gradient whatever the incoming gradient holds there
-(0 · inf would be NaN; eager gives 0); on the ``cpu`` backend the C++ kernel does not even touch
-them, nor rows whose factor is 1 (loss.backward()). When the graph is kept (retain_graph,
+(0 · inf would be NaN; eager gives 0); the kernels (``masked_cross_entropy_scale_`` of the cpu,
+cuda and triton backends) do not even touch them, nor rows whose factor is 1 (loss.backward() of
+a mean or sum: then the backward reads N factors, not the buffer). When the graph is kept (retain_graph,
 gradcheck) or traced (torch.compile), ``maskkern::masked_cross_entropy_backward`` — a torch
 broadcast multiply, no kernel needed — multiplies out of place instead, so that another backward
 sees the buffer unchanged. The loss is not twice differentiable. On the ``cpu`` backend the buffer
@@ -175,6 +176,16 @@ def row_kernel(backend: str):
 
         return tk.masked_cross_entropy_fwd
     return reference.masked_cross_entropy_rows
+
+
+def scale_kernel(backend: str):
+    """The in-place backward scale of a native ``backend`` (cpu, cuda or triton): ``(grad, valid,
+    factors)`` scales the rows of grad that count by their factor, skipping factors of 1."""
+    if backend == "triton":
+        from ..triton_kernels import masked_cross_entropy as tk
+
+        return tk.masked_cross_entropy_scale_
+    return torch.ops.maskkern.masked_cross_entropy_scale_
 
 
 def valid_rows(target: Tensor, ignore_index: int, mask: Tensor | None) -> Tensor:
@@ -339,12 +350,14 @@ def _backward(ctx, grad_loss, _grad_rows):
     if traced or graph_is_kept():
         dx = torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss, valid)
         return (from_rows(dx, ctx.input_shape), *(None,) * 9)
-    # The graph is freed after this: the buffer is ours to scale in place and hand on.
-    if ctx.backend == "cpu":
-        factors = grad_loss.reshape(-1).to(compute_dtype(grad.dtype))
-        torch.ops.maskkern.masked_cross_entropy_scale_(grad, valid, factors)
-    else:
+    # The graph is freed after this: the buffer is ours to scale in place and hand on. The kernels
+    # touch only the rows that count and whose factor is not 1: with loss.backward() of a mean,
+    # none (grad.mul_ would read and write the whole buffer once more).
+    if ctx.backend == "torch":
         grad.mul_(row_factors(grad_loss, valid))
+    else:
+        factors = grad_loss.reshape(-1).to(compute_dtype(grad.dtype))
+        scale_kernel(ctx.backend)(grad, valid, factors)
     return (from_rows(grad, ctx.input_shape), *(None,) * 9)
 
 
