@@ -171,6 +171,10 @@ def test_fully_masked_queries_give_zeros_with_zero_grad(backend, device):
     lengths = torch.tensor([LK, 0], device=device)  # batch 1 has no keys at all
     qlens = torch.tensor([3, LQ], device=device)  # batch 0: queries 3.. are padding
     out = mk.attention(q, k, v, mask, lengths=lengths, query_lengths=qlens, backend=backend)
+    unchecked = mk.attention(
+        q, k, v, mask, lengths=lengths, query_lengths=qlens, check_lengths=False, backend=backend
+    )
+    torch.testing.assert_close(unchecked, out, rtol=0, atol=0)  # the flag skips a check, nothing else
     dead = torch.zeros(B, H, LQ, dtype=torch.bool, device=device)
     dead[0, :, 1] = dead[1] = dead[0, :, 3:] = True
     assert torch.equal(out[dead], torch.zeros_like(out[dead]))

@@ -270,10 +270,10 @@ def test_opcheck(backend, device):
             s = scores.clone().requires_grad_(requires_grad)
             float_mask = mask is not None and mask.is_floating_point()
             m = mask.clone().requires_grad_(requires_grad) if float_mask else mask
-            args = (s, m, lengths, qlens, causal, scale, backend)
+            args = (s, m, lengths, qlens, causal, scale, True, backend)
             torch.library.opcheck(torch.ops.maskkern.masked_softmax.default, args)
         # The backward op, as autograd calls it: with the forward's bool mask (None for a float one).
-        y = torch.ops.maskkern.masked_softmax(scores, mask, lengths, qlens, causal, scale, backend)
+        y = torch.ops.maskkern.masked_softmax(scores, mask, lengths, qlens, causal, scale, False, backend)
         keep = mask if mask is not None and mask.dtype == torch.bool else None
         args = (torch.randn_like(y), y, keep, lengths, qlens, causal, scale, backend)
         torch.library.opcheck(torch.ops.maskkern.masked_softmax_backward.default, args)
@@ -310,6 +310,33 @@ def test_torch_compile_fullgraph(backend, device):
     (ref_g,) = torch.autograd.grad(ref_loss, ref_scores)
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(g, ref_g)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_check_lengths_false_skips_only_the_check(backend, device):
+    """check_lengths=False gives the same result on valid lengths; a negative length then masks
+    its whole row (zeros, zero gradient) and nothing is read out of bounds, except on the cpu
+    backend, whose kernels check as they read."""
+    scores = torch.randn(B, H, LQ, LK, device=device)
+    lengths, qlens = torch.tensor([4, LK], device=device), torch.tensor([LQ, 2], device=device)
+    kw = dict(lengths=lengths, query_lengths=qlens, causal=True, backend=backend)
+    expected = mk.masked_softmax(scores, **kw)
+    torch.testing.assert_close(mk.masked_softmax(scores, **kw, check_lengths=False), expected, rtol=0, atol=0)
+    module = mk.nn.MaskedSoftmax(causal=True, check_lengths=False, backend=backend)
+    torch.testing.assert_close(module(scores, lengths=lengths, query_lengths=qlens), expected, rtol=0, atol=0)
+
+    negative = dict(
+        lengths=torch.tensor([-3, LK], device=device), query_lengths=torch.tensor([LQ, -1], device=device)
+    )
+    if backend == "cpu":
+        with pytest.raises(ValueError, match="lengths"):
+            mk.masked_softmax(scores, **negative, check_lengths=False, backend=backend)
+        return
+    x = scores.clone().requires_grad_()
+    y = mk.masked_softmax(x, **negative, check_lengths=False, backend=backend)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.backward(torch.randn_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x.grad))
 
 
 def test_module_matches_function():

@@ -37,6 +37,7 @@ def attention(
     query_lengths: Tensor | None = None,
     causal: bool | str = False,
     scale: float | None = None,
+    check_lengths: bool = True,
     backend: str | None = None,
 ) -> Tensor:
     """Scaled dot-product attention over the keys that ``mask``/``lengths``/``causal`` leave visible.
@@ -58,6 +59,8 @@ def attention(
         causal: False, True (= "top_left", SDPA's ``is_causal``: key j visible to query i when
             j <= i) or "bottom_right" (j <= i + Lk - Lq, KV-cache decoding).
         scale: multiplies q·kᵀ; default 1/sqrt(D), as SDPA.
+        check_lengths: as in ``masked_softmax``: False skips the check for negative lengths,
+            which synchronises with the host on CUDA.
         backend: the backend of the masked softmax: "triton", "cuda", "cpu", "torch" or None
             (the default for q's device). The matmuls are torch's.
 
@@ -117,6 +120,7 @@ def attention(
         lengths=lengths,
         query_lengths=query_lengths,
         causal=causal,
+        check_lengths=check_lengths,
         backend=backend,
     )
     return probs @ v

@@ -39,6 +39,7 @@ def masked_softmax(
     query_lengths: Tensor | None = None,
     causal: bool | str = False,
     scale: float = 1.0,
+    check_lengths: bool = True,
     backend: str | None = None,
 ) -> Tensor:
     """Softmax over the last dim of ``scores * scale + additive`` with masked positions excluded.
@@ -57,6 +58,10 @@ def masked_softmax(
         causal: False, True (= "top_left": key j visible to query i when j <= i) or
             "bottom_right" (j <= i + Lk - Lq), relative to the full (Lq, Lk) of ``scores``.
         scale: multiplies the scores before the mask is added.
+        check_lengths: raise ValueError on a negative value in ``lengths``/``query_lengths``. On
+            CUDA that check synchronises with the host (as eager's ``.item()`` would); False skips
+            it, and then a negative length masks its whole row (nothing is read out of bounds).
+            The cpu backend checks as it reads, at no cost, whatever this says.
         backend: "triton", "cuda", "cpu", "torch" or None (the default for scores' device).
 
     Returns:
@@ -79,7 +84,10 @@ def masked_softmax(
     code = masks.causal_code(causal)
     scale = check_finite_number(scale, "scale")
     backend = resolve_backend(backend, scores.device, "scores")
-    return torch.ops.maskkern.masked_softmax(scores, mask, lengths, query_lengths, code, scale, backend)
+    check = bool(check_lengths)
+    return torch.ops.maskkern.masked_softmax(
+        scores, mask, lengths, query_lengths, code, scale, check, backend
+    )
 
 
 def _check_lengths(lengths: Tensor | None, name: str, scores: Tensor) -> Tensor | None:
@@ -156,9 +164,10 @@ def _masked_softmax_op(
     query_lengths: Tensor | None,
     causal: int,
     scale: float,
+    check_lengths: bool,
     backend: str,
 ) -> Tensor:
-    if backend != "cpu":  # the cpu kernels check the values as they read them
+    if check_lengths and backend != "cpu":  # the cpu kernels check the values as they read them
         check_nonnegative_values(lengths, "lengths")
         check_nonnegative_values(query_lengths, "query_lengths")
     if scores.numel() == 0:
@@ -170,7 +179,7 @@ def _masked_softmax_op(
 
 
 @_masked_softmax_op.register_fake
-def _(scores, mask, lengths, query_lengths, causal, scale, backend):
+def _(scores, mask, lengths, query_lengths, causal, scale, check_lengths, backend):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
@@ -201,7 +210,7 @@ def _(grad, out, mask, lengths, query_lengths, causal, scale, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, mask, lengths, query_lengths, causal, scale, backend = inputs
+    _, mask, lengths, query_lengths, causal, scale, _, backend = inputs
     keep = mask if mask is not None and mask.dtype == torch.bool else None  # lets bwd skip tails
     ctx.save_for_backward(output, keep, lengths, query_lengths)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
@@ -220,7 +229,7 @@ def _backward(ctx, grad):
             dscores = g * ctx.scale
     elif ctx.needs_input_grad[0]:
         dscores = bwd(grad, out, keep, lengths, query_lengths, ctx.causal, ctx.scale, ctx.backend)
-    return dscores, dmask, None, None, None, None, None
+    return dscores, dmask, None, None, None, None, None, None
 
 
 _masked_softmax_op.register_autograd(_backward, setup_context=_setup_context)
@@ -252,6 +261,7 @@ class MaskedSoftmax(nn.Module):
         *,
         scale: float = 1.0,
         causal: bool | str = False,
+        check_lengths: bool = True,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -259,6 +269,7 @@ class MaskedSoftmax(nn.Module):
             raise ValueError(f"dim must be -1 (softmax over the keys), got {dim}")
         masks.causal_code(causal)
         self.dim, self.scale, self.causal, self.backend = dim, scale, causal, backend
+        self.check_lengths = check_lengths
 
     def forward(
         self,
@@ -275,6 +286,7 @@ class MaskedSoftmax(nn.Module):
             query_lengths=query_lengths,
             causal=self.causal,
             scale=self.scale,
+            check_lengths=self.check_lengths,
             backend=self.backend,
         )
 
