@@ -37,7 +37,7 @@ Method, per case:
    is, e.g. a training step). CPU: warm-up, then providers interleaved A B A B ... for several
    rounds; each sample times enough back-to-back calls to last ``min_sample_s``; p50/p20/p80 of the
    per-call times; the thread count is fixed (``--threads``) and recorded. GPU: the same
-   interleaving, one call per sample between CUDA events, L2 flushed (a 256 MB write) before each.
+   interleaving, one call per sample between CUDA events, L2 flushed (a 256 MB read) before each.
 3. Peak memory: bytes allocated above what is live before the call (the inputs) during one call —
    outputs, saved activations, temporaries and grads. GPU: ``torch.cuda.max_memory_allocated``;
    CPU: the allocation events of ``torch.profiler(profile_memory=True)``, summed in time order.
@@ -364,12 +364,15 @@ class GradSlots:
             t.grad = None
 
 
-# CPU: each sample starts after a read of this many bytes, twice the last-level cache of the
-# machines we run on: whatever the provider before left dirty in the caches is written back then,
-# untimed, and every provider starts from the same clean, cold caches. Without it, a provider paid
-# for the writeback of its predecessor's outputs: up to 1.6 ms on the first call of a softmax
-# sample after eager's ~100 MB (maskkern's own streamed outputs leave no dirty lines behind).
+# Each sample starts after a read of this many bytes, a few times the last-level cache (CPU) or
+# the L2 (GPU; 50-60 MB on an H100/H200): whatever the provider before left dirty in the caches is
+# written back then, untimed, and every provider starts from the same clean, cold caches. Without
+# it, a provider paid for the writeback of its predecessor's outputs: up to 1.6 ms on the first
+# call of a softmax sample after eager's ~100 MB (maskkern's own streamed outputs leave no dirty
+# lines behind). A read, not do_bench's zero_(): a write would leave the L2 full of dirty lines
+# for the timed call to write back.
 CPU_FLUSH_BYTES = 64 << 20
+GPU_FLUSH_BYTES = 256 << 20
 
 
 def time_interleaved(
@@ -397,18 +400,13 @@ def time_interleaved(
     # A GPU sample is one call, often microseconds: take more of them, as do_bench does.
     lo, hi = (10, 5 * budget.max_reps) if on_gpu else (budget.min_reps, budget.max_reps)
     reps = int(min(hi, max(lo, budget.budget_s / round_s)))
-    if on_gpu:
-        flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
-    else:
-        flush = torch.ones(CPU_FLUSH_BYTES // 4, device=device)
+    flush = torch.ones((GPU_FLUSH_BYTES if on_gpu else CPU_FLUSH_BYTES) // 4, device=device)
     samples: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             switch(name)
-            if not on_gpu:
-                flush.sum()
+            flush.sum()
             if on_gpu:
-                flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
