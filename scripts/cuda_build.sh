@@ -42,19 +42,10 @@ fi
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"  # ninja
 
-# The CUDA wheels ship the CUDA headers torch's own headers need (e.g. cusparse.h, cublas_v2.h)
-# under nvidia/cu<major>/include (not nvidia/cusparselt etc.); the system toolkit may lack some of them.
-NV_INCLUDE="$("$PY" - <<'EOF'
-import glob, os, sysconfig
-found = sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu[0-9]*", "include")))
-print(found[-1] if found else "")
-EOF
-)"
-if [ -z "$NV_INCLUDE" ]; then
+if ! source "$ROOT/scripts/cuda_headers.sh"; then  # this machine's toolkit lacks some of them
   echo "[cuda-build] no nvidia/cu*/include in $VENV's site-packages" >&2
   exit 1
 fi
-export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MASKKERN_CUDA=1
 export MAX_JOBS="${MAX_JOBS:-2}"

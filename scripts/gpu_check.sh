@@ -28,6 +28,8 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 # else the machine's python3 (a GPU box has torch and triton installed).
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
+# The CUDA headers torch's headers include, from its CUDA wheels, in case the toolkit lacks some.
+source scripts/cuda_headers.sh || true
 SUMMARY=()
 
 # step NAME SECONDS COMMAND...: runs COMMAND under a time box, logging to $OUT/NAME.log.
