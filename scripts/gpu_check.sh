@@ -76,7 +76,7 @@ for s in "${STEPS[@]}"; do
       if ! command -v compute-sanitizer >/dev/null; then
         SUMMARY+=("sanitize  skipped: no compute-sanitizer"); continue
       fi
-      # The GPU backends' op tests (the cuda backend first); gradcheck, torch.compile and the
+      # The op tests of the triton and cuda backends on the GPU; gradcheck, torch.compile and the
       # property tests are left out for time: memcheck slows every kernel launch, PyTorch's too.
       step sanitize "${SANITIZE_S:-120}" compute-sanitizer --tool memcheck --error-exitcode 9 \
         --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \

@@ -1,4 +1,5 @@
-"""Triton kernel of maskkern.masked_cross_entropy: per-row loss, logsumexp and logits gradient.
+"""Triton kernels of maskkern.masked_cross_entropy: per-row loss, logsumexp and logits gradient
+(forward), and the backward's in-place scale of that gradient by the incoming one.
 
 The caller (maskkern/ops/masked_cross_entropy.py) passes logits (N, C) with class stride 1, int64
 targets, a bool ``valid`` per row and the reduction's gradient scales; the contract is the same as
