@@ -12,7 +12,7 @@
 #
 #   bash scripts/gpu_check.sh [step ...]       (make gpu-check; default: every step, in order)
 #
-# Time boxes in seconds: BUILD_S (200), TEST_S (180), SANITIZE_S (120), BENCH_S (330); one device
+# Time boxes in seconds: BUILD_S (200), TEST_S (180), SANITIZE_S (100), BENCH_S (300); one device
 # call may run 600 s, so run `build test sanitize` and then, at once, `bench` (bench/README.md).
 # Wheels in .whl/ (liger-kernel, a peer of the benchmark, is not on the GPU image) are installed
 # first; carry .whl with the call.
@@ -78,14 +78,14 @@ for s in "${STEPS[@]}"; do
       fi
       # The op tests of the triton and cuda backends on the GPU; gradcheck, torch.compile and the
       # property tests are left out for time: memcheck slows every kernel launch, PyTorch's too.
-      step sanitize "${SANITIZE_S:-120}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+      step sanitize "${SANITIZE_S:-100}" compute-sanitizer --tool memcheck --error-exitcode 9 \
         --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \
         tests/test_masked_softmax.py tests/test_pad_embedding.py tests/test_masked_cross_entropy.py \
         tests/test_attention.py -k "cuda and not torch-cuda and not gradcheck and not compile" ;;
     bench)
       # Through env.sh: a no-op after `build`; on a fresh machine it installs maskkern and builds
       # _C, without which the table lacks the cuda backend (triton, the default, needs no build).
-      step bench "${BENCH_S:-330}" bash -c "source scripts/env.sh && \$PY bench/run.py --out '$OUT/bench' \
+      step bench "${BENCH_S:-300}" bash -c "source scripts/env.sh && \$PY bench/run.py --out '$OUT/bench' \
         ${BENCH_ARGS:---quick --only masked_softmax,masked_cross_entropy,pad_embedding}"
       tar czf "$OUT/bench-results.tgz" -C "$OUT" bench && rm -rf "$OUT/bench" ;;
     *) echo "unknown step: $s (build, test, sanitize, bench)" >&2; exit 2 ;;
