@@ -28,7 +28,7 @@ class GpuContext(h.Context):
 
 for context in (h.Context, GpuContext):
     for quick in (True, False):
-        ctx = context(torch.device("cpu"), quick, None, Path("unused"), plots=False)
+        ctx = context(torch.device("cpu"), quick, None, Path(sys.argv[2]), plots=False)
         for module in run.discover():
             cases = module.cases(ctx)
             names = [c.name for c in cases]
@@ -44,8 +44,8 @@ print("ok")
 """
 
 
-def test_every_bench_plan_builds_for_cpu_and_gpu():
+def test_every_bench_plan_builds_for_cpu_and_gpu(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(BENCH)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SCRIPT, str(BENCH), str(tmp_path)], capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-5000:] + run.stderr[-5000:]
