@@ -589,6 +589,14 @@ class Context:
         return self.device.type == "cuda"
 
     @property
+    def checks_values(self) -> bool:
+        """Whether maskkern's checks of input values (pad_embedding's ``check_ids``, masked_softmax's
+        ``check_lengths``) run: on CPU, where eager checks too; not on GPU, where they synchronise
+        with the host and the eager expressions do not (their masks never do, F.embedding asserts
+        on the device)."""
+        return not self.on_gpu
+
+    @property
     def copy_gbps(self) -> float:
         """The machine's measured copy bandwidth (GB/s), measured once per run on first use."""
         if self._copy_gbps is None:

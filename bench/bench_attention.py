@@ -82,8 +82,7 @@ def case(ctx: Context, shape: tuple[int, int, int, int], dtype: torch.dtype) -> 
         q, k, v = (torch.randn(shape, dtype=dtype, device=ctx.device) for _ in range(3))
         return {"q": q, "k": k, "v": v, "lengths": lens.to(ctx.device)}
 
-    # On GPU the lengths check synchronises with the host, which eager's mask does not do.
-    providers = ctx.providers(_maskkern(check_lengths=not ctx.on_gpu), _eager, sdpa=_sdpa)
+    providers = ctx.providers(_maskkern(check_lengths=ctx.checks_values), _eager, sdpa=_sdpa)
     d = str(dtype).removeprefix("torch.")
     return Case(
         name=name(shape, dtype),

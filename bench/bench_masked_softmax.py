@@ -167,9 +167,7 @@ def case(
     side = 0 if lengths is None else B * L if bool_mask else 8 * B
     fwd = k * es + n * es + side
     plot, x_name, x = sweep
-    # On GPU the lengths check synchronises with the host, which eager's mask does not do; on CPU
-    # the cpu kernels check as they read.
-    maskkern_fn = _maskkern(causal, check_lengths=not ctx.on_gpu)
+    maskkern_fn = _maskkern(causal, check_lengths=ctx.checks_values)
     providers = ctx.providers(maskkern_fn, _eager(causal), **_peers(ctx, causal, dtype, L))
     padded = isinstance(lengths, float) and lengths > 0
     if padded:

@@ -98,9 +98,7 @@ def case(
     B, L = ids_shape(ctx)
     real = round(L * (1 - pad))
     kw = _kwargs(semantics, D)
-    # On GPU the id range check synchronises with the host, which eager's embedding does not (it
-    # asserts on the device); on CPU both check.
-    maskkern_fn = _maskkern(kw, check_ids=not ctx.on_gpu)
+    maskkern_fn = _maskkern(kw, check_ids=ctx.checks_values)
 
     def inputs() -> dict:
         ids = torch.full((B, L), PAD, dtype=torch.int64)
