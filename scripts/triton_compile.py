@@ -172,10 +172,14 @@ def _resource_usage(cubin: bytes) -> str:
     return " ".join(field for field in line.split() if field.split(":")[0] in wanted)
 
 
-def _run_case(index: int) -> tuple[str, list[str], str | None]:
-    """(case name, one line per kernel it compiled, the error or None)."""
+def _enter_compile_only_mode() -> None:
+    """Each worker's initializer: kernel[grid](...) compiles for TARGET from now on."""
     driver.set_active(_CompileOnlyDriver())
     jit.JITFunction.__getitem__ = _compile_only
+
+
+def _run_case(index: int) -> tuple[str, list[str], str | None]:
+    """(case name, one line per kernel it compiled, the error or None)."""
     name, case = CASES[index]
     _compiled.clear()
     try:
@@ -192,7 +196,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}, target {TARGET}", flush=True)
     failed = 0
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_enter_compile_only_mode) as pool:
         for name, lines, error in pool.map(_run_case, range(len(CASES))):
             print(("FAILED " if error else "") + name, *lines, sep="\n", flush=True)
             if error:
