@@ -1,5 +1,5 @@
-"""maskkern: fused mask kernels for PyTorch (masked softmax, pad-aware embedding, masked
-cross-entropy) on Triton, C++/CUDA and C++ CPU backends, checked against eager PyTorch.
+"""maskkern: fused mask kernels for PyTorch (masked softmax, fused masked attention, pad-aware
+embedding, masked cross-entropy) on Triton, C++/CUDA and C++ CPU backends, checked against eager PyTorch.
 
 ``import maskkern as mk``; see DESIGN.md for the contract and README.md for examples.
 """
@@ -11,7 +11,14 @@ _backend._load_extension()  # loads maskkern._C (its TORCH_LIBRARY) before the o
 from . import masks, nn, reference  # noqa: E402
 from ._backend import BackendStatus, backends  # noqa: E402
 from .memory import empty_cache  # noqa: E402
-from .ops import attention, linear_cross_entropy, masked_cross_entropy, masked_softmax, pad_embedding  # noqa: E402
+from .ops import (  # noqa: E402
+    attention,
+    linear_cross_entropy,
+    masked_cross_entropy,
+    masked_softmax,
+    pad_embedding,
+    varlen_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -27,4 +34,5 @@ __all__ = [
     "nn",
     "pad_embedding",
     "reference",
+    "varlen_attention",
 ]

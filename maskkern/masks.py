@@ -65,6 +65,49 @@ def causal_mask(
     return torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
+def window_mask(
+    Lq: int,
+    Lk: int | None = None,
+    window: tuple[int, int] = (-1, -1),
+    *,
+    align: str = "top_left",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(Lq, Lk) bool sliding window: query i sees key j when i + o - left <= j <= i + o + right,
+    o = 0 (``top_left``) or Lk - Lq (``bottom_right``); -1 = unbounded on that side (flash-attn's
+    ``window_size``; Mistral's sliding window is ``(w - 1, 0)`` with causal).
+
+    Replaces ``ones(Lq, Lk).tril(o + right).triu(o - left).bool()``.
+    """
+    Lk = Lq if Lk is None else Lk
+    left, right = check_window(window)
+    if align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
+    offset = 0 if align == "top_left" else Lk - Lq
+    keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep = keep.tril(diagonal=offset + right)
+    if left >= 0:
+        keep = keep.triu(diagonal=offset - left)
+    return keep
+
+
+def check_window(window: object) -> tuple[int, int]:
+    """``window`` as (left, right) ints, each -1 (unbounded) or >= 0; None = (-1, -1)."""
+    if window is None:
+        return -1, -1
+    if (
+        not isinstance(window, (tuple, list))
+        or len(window) != 2
+        or any(isinstance(w, bool) or not isinstance(w, int) for w in window)
+    ):
+        raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
+    left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"window entries must be >= 0 or -1 (unbounded), got {tuple(window)}")
+    return int(left), int(right)
+
+
 def combine_masks(*masks: Tensor | None) -> Tensor | None:
     """Broadcast AND of bool masks (``None`` entries are ignored): ``m1 & m2 & ...``."""
     present = [m for m in masks if m is not None]
@@ -117,3 +160,41 @@ def to_additive(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def unpad(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Padded (B, L, ...) rows to the packed layout: ``(packed (total, ...), cu_seqlens int32
+    (B + 1,), max_seqlen)``, keeping rows i < lengths[b] of each batch item in order.
+
+    Replaces flash-attn's ``unpad_input`` and ``x[lengths_to_mask(lengths, L)]`` plus the
+    cumulative sum; ``varlen_attention`` takes its output.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, L, ...), got shape {tuple(x.shape)}")
+    if lengths.dim() != 1 or lengths.shape[0] != x.shape[0]:
+        raise ValueError(f"lengths must be ({x.shape[0]},) = (x.shape[0],), got shape {tuple(lengths.shape)}")
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.device != x.device:
+        raise ValueError(f"lengths must be on x's device ({x.device}), got {lengths.device}")
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > x.shape[1]):
+        raise ValueError(f"lengths must be in [0, {x.shape[1]}] (x.shape[1]), got {lengths.tolist()}")
+    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=x.device)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return x[lengths_to_mask(lengths, x.shape[1])], cu_seqlens, max_seqlen
+
+
+def pad(packed: Tensor, cu_seqlens: Tensor, max_len: int) -> Tensor:
+    """Packed (total, ...) rows back to (B, max_len, ...) with zeros after each sequence: the
+    inverse of ``unpad`` (flash-attn's ``pad_input``). Differentiable in ``packed``."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D (B + 1,), got shape {tuple(cu_seqlens.shape)}")
+    lengths = cu_seqlens.diff().to(torch.int64)
+    if lengths.numel() and int(lengths.max()) > max_len:
+        raise ValueError(f"max_len = {max_len} is less than the longest sequence, {int(lengths.max())}")
+    if int(cu_seqlens[-1]) > packed.shape[0]:
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, past packed's {packed.shape[0]} rows")
+    keep = lengths_to_mask(lengths, max_len)
+    out = packed.new_zeros((lengths.numel(), max_len, *packed.shape[1:]))
+    return out.index_put((keep,), packed[: int(cu_seqlens[-1])])

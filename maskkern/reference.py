@@ -234,3 +234,63 @@ def pad_embedding_backward(
     ids = input.reshape(-1)
     gw = torch.ops.aten.embedding_dense_backward(g, ids, num_weights, padding_idx, scale_grad_by_freq)
     return (gw * scale).to(grad.dtype)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    lengths: Tensor | None = None,
+    query_lengths: Tensor | None = None,
+    causal: bool | str = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``masked_softmax(q @ k.mT, mask & window, ..., scale) @ v`` in the compute dtype: the eager
+    expression ``attention`` replaces, with the (Lq, Lk) scores held. A query that sees no key
+    gives zeros. ``enable_gqa``: k and v's heads (dim -3) are repeated to q's."""
+    ct = _compute_dtype(q.dtype)
+    if enable_gqa and q.dim() >= 3:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
+    scores = q.to(ct) @ k.to(ct).transpose(-2, -1)
+    left, right = masks.check_window(window)
+    if (left, right) != (-1, -1):
+        code = masks.causal_code(causal)
+        align = masks.ALIGNMENTS[code - 1] if code else "top_left"
+        keep = masks.window_mask(q.shape[-2], k.shape[-2], (left, right), align=align, device=q.device)
+        if mask is None or mask.dtype == torch.bool:
+            mask = masks.combine_masks(mask, keep)
+        else:
+            mask = mask.to(ct).masked_fill(~keep, float("-inf"))
+    probs = masked_softmax(
+        scores, mask, lengths=lengths, query_lengths=query_lengths, causal=causal, scale=scale
+    )
+    return (probs @ v.to(ct)).to(q.dtype)
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """``attention`` on each packed sequence alone: q (total_q, Hq, D), k/v (total_k, Hkv, D);
+    sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]``. ``kwargs``: causal, scale, window,
+    enable_gqa (causal and window align to each sequence's own lengths)."""
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_k.tolist()
+    for s in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[s : s + 2], bounds_k[s : s + 2]
+        if q1 > q0:
+            part = attention(*(x.transpose(0, 1) for x in (q[q0:q1], k[k0:k1], v[k0:k1])), **kwargs)
+            out[q0:q1] = part.transpose(0, 1)
+    return out

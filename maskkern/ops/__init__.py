@@ -1,6 +1,6 @@
 """The public ops, one module each (function, custom ops, autograd, module class)."""
 
-from .attention import attention
+from .attention import attention, varlen_attention
 from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from .masked_cross_entropy import MaskedCrossEntropyLoss, masked_cross_entropy
 from .masked_softmax import MaskedSoftmax, masked_softmax
@@ -16,4 +16,5 @@ __all__ = [
     "masked_cross_entropy",
     "masked_softmax",
     "pad_embedding",
+    "varlen_attention",
 ]

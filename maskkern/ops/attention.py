@@ -1,10 +1,22 @@
-"""attention: q·kᵀ -> masked_softmax -> ·v, a drop-in for ``F.scaled_dot_product_attention`` that
-takes maskkern's masks (bool/additive ``mask``, key ``lengths``, ``query_lengths``, ``causal``) and
-gives zeros, never NaN, for a query that sees no key.
+"""attention and varlen_attention: flash-style fused attention with maskkern's masks — bool or
+additive ``mask``, key ``lengths``, ``query_lengths``, ``causal`` (both alignments), a sliding
+``window``, grouped-query heads and packed variable-length sequences — giving zeros, never NaN, for
+a query that sees no key.
 
-A composite of two torch matmuls around the opaque custom op ``maskkern::masked_softmax``: its
-autograd and fake make this differentiable and traceable by torch.compile(fullgraph=True) without
-a custom op of its own.
+Layers, top to bottom: the public functions (argument checks, normalisation to 4-D), the opaque
+custom op ``maskkern::attention`` and its backward op ``maskkern::attention_backward`` (backend
+dispatch, fakes, autograd), and the per-backend kernels, which all see the same normalised
+arguments (the schema comment in csrc/maskkern.cpp is their contract):
+
+    fwd(q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), mask, mask_tiles, lengths,
+        query_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+        window_left, window_right, scale, block_q, block_k) -> (out, lse)
+    bwd(grad_out, q, k, v, out, lse, <the same masks>) -> (dq, dk, dv)
+
+``cpu`` and ``triton`` are fused: they never allocate (Lq, Lk), skip the tiles the masks leave
+empty, save only the output and the row logsumexp, and recompute the probabilities in the backward.
+``torch`` (the reference) and ``cuda`` run the materialised composite below: matmuls (cuBLAS on
+CUDA) around a masked softmax, holding the (Lq, Lk) scores.
 """
 
 from __future__ import annotations
@@ -12,19 +24,25 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import masks
-from .._backend import resolve_backend
+from .._backend import native_extension_loaded, resolve_backend
 from ._common import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     check_broadcastable,
     check_dtype,
     check_finite_number,
+    check_nonnegative_values,
     check_same_device,
     check_tensor,
 )
-from .masked_softmax import _check_lengths, masked_softmax
+from .masked_softmax import _check_lengths
+
+# The cpu kernel's tiles (queries x keys): mask_tiles is built on this grid.
+CPU_BLOCKS = (64, 64)
 
 
 def attention(
@@ -37,59 +55,69 @@ def attention(
     query_lengths: Tensor | None = None,
     causal: bool | str = False,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    enable_gqa: bool = False,
     check_lengths: bool = True,
     backend: str | None = None,
 ) -> Tensor:
-    """Scaled dot-product attention over the keys that ``mask``/``lengths``/``causal`` leave visible.
+    """Scaled dot-product attention over the keys that the masks leave visible, in one fused kernel.
 
     Replaces ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-    scale=scale)`` and the eager ``F.softmax((q @ k.mT * scale).masked_fill(~keep, -inf), -1) @ v``;
-    a query row that sees no key (all masked, ``query_lengths``, ``lengths`` of 0) gives zeros with
-    zero gradient instead of NaN.
+    scale=scale, enable_gqa=enable_gqa)`` and the eager
+    ``F.softmax((q @ k.mT * scale).masked_fill(~keep, -inf), -1) @ v``; a query that sees no key
+    (all masked, ``query_lengths``, ``lengths`` of 0) gives zeros with zero gradient, not NaN.
 
     Args:
-        q: (..., Lq, D) float16/bfloat16/float32/float64.
+        q: (..., Lq, D) float16/bfloat16/float32/float64, D from 1 to 256 on the fused backends.
         k: (..., Lk, D), same dtype and device as ``q``.
-        v: (..., Lk, Dv), same dtype and device as ``q``. The batch dims ``...`` of q, k and v
-            broadcast together (as in torch.matmul); the scores q·kᵀ have shape (..., Lq, Lk).
+        v: (..., Lk, Dv), same dtype and device. The batch dims ``...`` of q, k and v broadcast
+            together (as in torch.matmul); the scores q·kᵀ have shape (..., Lq, Lk). Read through
+            their strides: a transposed view of (B, L, H, D) memory is not copied.
         mask: bool (True = keep) or float (added to the scaled scores), broadcastable to the
-            scores (..., Lq, Lk); never expanded in memory.
+            scores; never expanded in memory. A bool mask is summarised per tile once per call, so
+            that its empty tiles are skipped and its full ones cost no mask reads.
         lengths: int (B,) with B = the scores' dim 0: keys j >= lengths[b] are masked.
         query_lengths: like ``lengths``: queries i >= query_lengths[b] output zeros.
         causal: False, True (= "top_left", SDPA's ``is_causal``: key j visible to query i when
             j <= i) or "bottom_right" (j <= i + Lk - Lq, KV-cache decoding).
         scale: multiplies q·kᵀ; default 1/sqrt(D), as SDPA.
-        check_lengths: as in ``masked_softmax``: False skips the check for negative lengths,
-            which synchronises with the host on CUDA.
-        backend: the backend of the masked softmax: "triton", "cuda", "cpu", "torch" or None
-            (the default for q's device). The matmuls are torch's.
+        window: (left, right): key j visible to query i when i + o - left <= j <= i + o + right,
+            o = the offset of the diagonal ``causal`` aligns to (0 unless "bottom_right"); -1 =
+            unbounded (flash-attn's ``window_size``; Mistral's sliding window w is ``(w - 1, 0)``).
+        enable_gqa: k and v have Hkv heads at dim -3 with Hq % Hkv == 0; query head h reads kv
+            head h // (Hq // Hkv), without repeating k and v in memory (as SDPA's).
+        check_lengths: False skips the check for negative lengths, which synchronises with the
+            host on CUDA; a negative length then masks its whole row, on every backend alike.
+        backend: "triton", "cuda", "cpu", "torch" or None (the default for q's device). "cuda" is
+            the materialised composite (cuBLAS matmuls around the masked softmax), not fused.
 
     Returns:
-        (..., Lq, Dv) in q's dtype.
+        (..., Lq, Dv) in q's dtype (the memory of a 4-D result is laid out (B, Lq, H, Dv), as
+        SDPA's CPU flash kernel returns it).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(x, name)
-        check_dtype(x, name, FLOAT_DTYPES)
-        if x.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., L, D), got shape {tuple(x.shape)}")
-    for name, x in (("k", k), ("v", v)):
-        check_same_device(x, name, q, "q")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k must have q's last dim D = {q.shape[-1]}, got shape {tuple(k.shape)}")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v must have k's Lk = {k.shape[-2]} rows (dim -2), got shape {tuple(v.shape)}")
+    _check_qkv(q, k, v, min_dim=3 if enable_gqa else 2)
+    if enable_gqa:
+        if q.dim() < 4:
+            raise ValueError(f"enable_gqa needs q of (B, H, L, D) or more dims, got shape {tuple(q.shape)}")
+        hq, hkv = q.shape[-3], k.shape[-3]
+        if v.shape[-3] != hkv:
+            raise ValueError(f"v must have k's {hkv} heads (dim -3), got shape {tuple(v.shape)}")
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"enable_gqa needs q's heads {hq} to be a multiple of k's heads {hkv}")
+        lead = (q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    else:
+        lead = (q.shape[:-2], k.shape[:-2], v.shape[:-2])
     try:
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch = torch.broadcast_shapes(*lead)
     except RuntimeError:
         raise ValueError(
-            f"the batch dims of q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])} and "
-            f"v {tuple(v.shape[:-2])} do not broadcast together"
+            f"the batch dims of q {tuple(lead[0])}, k {tuple(lead[1])} and v {tuple(lead[2])} "
+            "do not broadcast together" + (" (heads at dim -3 excluded: enable_gqa)" if enable_gqa else "")
         ) from None
-    scores_shape = torch.Size((*batch, q.shape[-2], k.shape[-2]))
-    # A free stand-in with the scores' shape, device and dtype: the mask and lengths are checked
-    # against it before the first matmul runs.
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    heads = (q.shape[-3],) if enable_gqa else ()
+    scores_shape = torch.Size((*batch, *heads, Lq, Lk))
+    # A free stand-in with the scores' shape, device and dtype for the mask and lengths checks.
     scores_like = q.new_empty(()).expand(scores_shape)
     if mask is not None:
         check_tensor(mask, "mask")
@@ -97,30 +125,522 @@ def attention(
             raise TypeError(f"mask must be bool (True = keep) or floating (additive), got dtype {mask.dtype}")
         check_same_device(mask, "mask", q, "q")
         check_broadcastable(mask, "mask", scores_shape, "the scores q·kᵀ")
-    _check_lengths(lengths, "lengths", scores_like)
-    _check_lengths(query_lengths, "query_lengths", scores_like)
-    masks.causal_code(causal)
+        if mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+    lengths = _check_lengths(lengths, "lengths", scores_like)
+    query_lengths = _check_lengths(query_lengths, "query_lengths", scores_like)
+    code = masks.causal_code(causal)
+    left, right = masks.check_window(window)
+    scale = _check_scale(scale, q)
+    backend = resolve_backend(backend, q.device, "q")
+    _check_head_dim(q, v, backend)
+
+    B = scores_shape[0] if len(scores_shape) > 2 else 1
+    if enable_gqa:
+        q4 = _fold(q, (*batch, q.shape[-3]), B)
+        k4, v4 = (_fold(x, (*batch, x.shape[-3]), B) for x in (k, v))
+    else:
+        q4, k4, v4 = (_fold(x, batch, B) for x in (q, k, v))
+    mask4 = None if mask is None else _fold_mask(mask, scores_shape)
+    out, _ = torch.ops.maskkern.attention(
+        q4, k4, v4, mask4, lengths, query_lengths, None, None, Lq, Lk,
+        code, left, right, scale, bool(check_lengths), backend,
+    )  # fmt: skip
+    return out.reshape(*scores_shape[:-1], v.shape[-1])
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None = None,
+    *,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    causal: bool | str = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    enable_gqa: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention over packed variable-length sequences: each sequence attends only to itself.
+
+    Replaces flash-attn's ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k, causal=..., window_size=...)`` and the loop
+    ``[attention(q[a:b], k[c:d], v[c:d]) for each sequence]`` over the padding-free layout of
+    ``masks.unpad`` and Hugging Face's ``DataCollatorWithFlattening``.
+
+    Args:
+        q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv); same dtype and device.
+            Hkv = Hq unless ``enable_gqa`` (then Hq % Hkv == 0).
+        cu_seqlens_q: int32/int64 (n + 1,), 0 = cu[0] <= cu[1] <= ... <= cu[n] <= total_q:
+            sequence s is rows cu[s]:cu[s + 1]; empty sequences are allowed, rows past cu[n] get
+            zeros.
+        cu_seqlens_k: the same for k and v; default ``cu_seqlens_q``.
+        max_seqlen_q, max_seqlen_k: the longest sequence, read from cu_seqlens when None (a host
+            synchronisation, which torch.compile(fullgraph=True) cannot trace: give them there).
+        causal: as in ``attention``, aligned to each sequence's own lengths: True = "top_left";
+            flash-attn's causal is "bottom_right" (the two differ only when Lq != Lk).
+        scale, window, enable_gqa, backend: as in ``attention``.
+
+    Returns:
+        (total_q, Hq, Dv) in q's dtype, contiguous.
+    """
+    _check_qkv(q, k, v, min_dim=3, packed=True)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be (total, heads, dim), got shape {tuple(x.shape)}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"v must have k's {k.shape[1]} heads (dim 1), got shape {tuple(v.shape)}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if enable_gqa:
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"enable_gqa needs q's heads {hq} to be a multiple of k's heads {hkv}")
+    elif hq != hkv:
+        raise ValueError(f"k must have q's {hq} heads (dim 1) unless enable_gqa, got shape {tuple(k.shape)}")
+    cu_q, max_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, max_seqlen_q, "max_seqlen_q")
+    if cu_seqlens_k is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"cu_seqlens_k is needed when k's total {k.shape[0]} differs from q's {q.shape[0]}"
+            )
+        cu_k, max_k = cu_q, max_q if max_seqlen_k is None else max_seqlen_k
+    else:
+        cu_k, max_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k, max_seqlen_k, "max_seqlen_k")
+    if cu_k.shape != cu_q.shape:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's {cu_q.numel()} entries, got {cu_k.numel()}")
+    code = masks.causal_code(causal)
+    left, right = masks.check_window(window)
+    scale = _check_scale(scale, q)
+    backend = resolve_backend(backend, q.device, "q")
+    _check_head_dim(q, v, backend)
+    q4, k4, v4 = (_rows_last_dim_contiguous(x).transpose(0, 1)[None] for x in (q, k, v))
+    out, _ = torch.ops.maskkern.attention(
+        q4, k4, v4, None, None, None, cu_q, cu_k, max_q, max_k,
+        code, left, right, scale, True, backend,
+    )  # fmt: skip
+    return out[0].transpose(0, 1)
+
+
+# --- argument checks ----------------------------------------------------------------------------
+
+# The fused kernels keep a row of q, k and v per tile in registers / L1: D and Dv are capped.
+MAX_HEAD_DIM = 256
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, min_dim: int, packed: bool = False) -> None:
+    """Types, dtypes and devices of q, k, v, their D, and v's key count: dim -2, or dim 0 when
+    ``packed`` (total, heads, dim)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(x, name)
+        check_dtype(x, name, FLOAT_DTYPES)
+        if x.dim() < min_dim:
+            raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        check_same_device(x, name, q, "q")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have q's last dim D = {q.shape[-1]}, got shape {tuple(k.shape)}")
+    keys = 0 if packed else -2
+    if v.shape[keys] != k.shape[keys]:
+        raise ValueError(f"v must have k's number of keys, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+
+
+def _check_head_dim(q: Tensor, v: Tensor, backend: str) -> None:
+    if backend in ("cpu", "triton"):
+        for name, d in (("D (q's last dim)", q.shape[-1]), ("Dv (v's last dim)", v.shape[-1])):
+            if d > MAX_HEAD_DIM:
+                raise ValueError(f"{name} must be <= {MAX_HEAD_DIM} on the {backend} backend, got {d}")
+
+
+def _check_scale(scale: float | None, q: Tensor) -> float:
     if scale is None:
         # D = 0 gives all-zero scores; 1/sqrt(0) would turn them into NaN.
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    scale = check_finite_number(scale, "scale")
-    backend = resolve_backend(backend, q.device, "q")
-    # Scale q (Lq·D values) rather than the scores (Lq·Lk), which also keeps fp16/bf16 scores in
-    # range, as SDPA's math path does.
-    if scale != 1.0:
-        q = q * scale
-    scores = q @ k.transpose(-2, -1)
-    if scores.shape != scores_shape:
-        # v's batch dims are the scores' too (the mask and lengths were checked against them), but
-        # q·kᵀ does not have them: broadcast it (a free view; masked_softmax reads it once).
-        scores = scores.expand(scores_shape)
-    probs = masked_softmax(
-        scores,
-        mask,
-        lengths=lengths,
-        query_lengths=query_lengths,
-        causal=causal,
-        check_lengths=check_lengths,
-        backend=backend,
+        return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    return check_finite_number(scale, "scale")
+
+
+def _check_cu_seqlens(
+    cu: Tensor, name: str, x: Tensor, max_seqlen: int | None, max_name: str
+) -> tuple[Tensor, int]:
+    """cu_seqlens as int64 (n + 1,) and the longest sequence. Its values are checked inside the
+    custom op (``_check_cu_values``); a ``max_seqlen`` of None is read from them here, a host
+    synchronisation that torch.compile(fullgraph=True) cannot trace: give it there."""
+    check_tensor(cu, name)
+    if cu.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {cu.dtype}")
+    check_same_device(cu, name, x, "q" if name.endswith("_q") else "k")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be 1-D (n + 1,) with n >= 0, got shape {tuple(cu.shape)}")
+    cu = cu.to(torch.int64)
+    if max_seqlen is None:
+        return cu, int(cu.diff().max()) if cu.numel() > 1 else 0
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
+    return cu, max_seqlen
+
+
+def _check_cu_values(cu: Tensor, name: str, total: int, max_seqlen: int) -> None:
+    """Reads the values (a host sync on CUDA): call inside the custom op, as lengths' check."""
+    host = cu.cpu()
+    if int(host[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    steps = host.diff()
+    if steps.numel() and int(steps.min()) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got a step of {int(steps.min())}")
+    if int(host[-1]) > total:
+        raise ValueError(f"{name} ends at {int(host[-1])}, past the {total} rows of its tensor")
+    if steps.numel() and int(steps.max()) > max_seqlen:
+        raise ValueError(
+            f"max_seqlen = {max_seqlen} is less than {name}'s longest sequence, {int(steps.max())}"
+        )
+
+
+# --- normalisation to (B, H, L, D) ----------------------------------------------------------------
+
+
+def _rows_last_dim_contiguous(x: Tensor) -> Tensor:
+    """The kernels read rows through any strides but want unit stride along D."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _fold(x: Tensor, lead: tuple[int, ...], B: int) -> Tensor:
+    """x (..., L, D) broadcast to the batch dims ``lead`` and viewed as (B, H, L, D): dim 0 is B
+    (what lengths index), the rest fold into H. Broadcast dims stay stride 0 (never copied)."""
+    x = _rows_last_dim_contiguous(x).expand(*lead, *x.shape[-2:])
+    if x.dim() == 2:
+        return x[None, None]
+    if x.dim() == 3:
+        return x[:, None]
+    return x.reshape(B, math.prod(lead[1:]), *x.shape[-2:])
+
+
+def _fold_mask(mask: Tensor, scores_shape: torch.Size) -> Tensor:
+    """The mask as (B|1, H|1, Lq|1, Lk|1), broadcast dims kept at size 1 so that its tile summary
+    is computed once per distinct tile; H > 1 only where the mask has more than one head."""
+    m = mask.reshape((1,) * (len(scores_shape) - mask.dim()) + tuple(mask.shape))
+    if m.dim() == 2:
+        return m[None, None]
+    if m.dim() == 3:
+        return m[:, None]
+    rest = m.shape[1:-2]
+    if all(r == 1 for r in rest):
+        return m.reshape(m.shape[0], 1, *m.shape[-2:])
+    heads = math.prod(scores_shape[1:-2])
+    return m.expand(m.shape[0], *scores_shape[1:-2], *m.shape[-2:]).reshape(m.shape[0], heads, *m.shape[-2:])
+
+
+def mask_tiles(mask: Tensor, block_q: int, block_k: int) -> Tensor:
+    """int8 summary of a bool mask's (block_q x block_k) tiles over its last two dims: 0 = the
+    tile keeps nothing, 1 = some, 2 = all. A dim of size 1 (broadcast) stays one tile."""
+    *lead, mq, mk = mask.shape
+    tq, tk = (1 if mq == 1 else block_q), (1 if mk == 1 else block_k)
+    nq, nk = -(-mq // tq), -(-mk // tk)
+    kept = mask.view(torch.uint8)
+    if nq * tq != mq or nk * tk != mk:
+        kept = F.pad(kept, (0, nk * tk - mk, 0, nq * tq - mq))
+    counts = kept.reshape(*lead, nq, tq, nk, tk).sum((-3, -1), dtype=torch.int32)
+    rows = (mq - torch.arange(nq, device=mask.device) * tq).clamp(max=tq)
+    cols = (mk - torch.arange(nk, device=mask.device) * tk).clamp(max=tk)
+    full = (rows[:, None] * cols[None, :]).to(torch.int32)
+    return torch.where(counts == 0, 0, torch.where(counts == full, 2, 1)).to(torch.int8)
+
+
+# --- per-backend kernels ------------------------------------------------------------------------
+
+
+def _blocks(backend: str, q: Tensor) -> tuple[int, int]:
+    if backend == "triton":
+        from ..triton_kernels import attention as tk
+
+        return tk.attention_blocks(q.shape[-1], q.dtype)
+    return CPU_BLOCKS
+
+
+def _kernels(backend: str):
+    if backend == "cpu":
+        return torch.ops.maskkern.attention_fwd, torch.ops.maskkern.attention_bwd
+    if backend == "triton":
+        from ..triton_kernels import attention as tk
+
+        return tk.attention_fwd, tk.attention_bwd
+    return _materialised_fwd, _materialised_bwd
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _visible(Lq, Lk, lengths, query_lengths, cu_q, cu_k, causal, left, right, device) -> Tensor:
+    """Bool (B|1, 1, Lq, Lk): which keys each query may see by the arithmetic masks."""
+    i, j = torch.arange(Lq, device=device)[:, None], torch.arange(Lk, device=device)[None, :]
+    keep = torch.ones((1, 1, Lq, Lk), dtype=torch.bool, device=device)
+    if cu_q is not None:
+        # Row t of the packed tensor belongs to sequence seq[t] (n for rows past cu[n]).
+        seq_q = torch.bucketize(i[:, 0], cu_q[1:], right=True)
+        seq_k = torch.bucketize(j[0], cu_k[1:], right=True)
+        n = cu_q.numel() - 1
+        n_q, n_k = cu_q.diff(), cu_k.diff()
+        keep = keep & (seq_q[:, None] == seq_k[None, :]) & (seq_q < n)[:, None]
+        seq = seq_q.clamp(max=max(n - 1, 0))
+        i = i - cu_q[seq][:, None] if n else i
+        j = j - cu_k[seq_k.clamp(max=max(n - 1, 0))][None, :] if n else j
+        offset = (n_k - n_q)[seq][:, None] if causal == 2 and n else 0
+    else:
+        offset = Lk - Lq if causal == 2 else 0
+        if lengths is not None:
+            keep = keep & (j < lengths.view(-1, 1, 1, 1))
+        if query_lengths is not None:
+            keep = keep & (i < query_lengths.view(-1, 1, 1, 1))
+    if causal:
+        keep = keep & (j <= i + offset)
+    if left >= 0:
+        keep = keep & (j >= i + offset - left)
+    if right >= 0:
+        keep = keep & (j <= i + offset + right)
+    return keep
+
+
+def _materialised_probs(q, k, mask, lse, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale):
+    """(P, lse, k repeated to q's heads) with the (B, Hq, Lq, Lk) scores held: the composite."""
+    ct = _compute_dtype(q.dtype)
+    group = q.shape[1] // max(k.shape[1], 1)
+    kf = k.to(ct).repeat_interleave(group, 1)
+    s = (q.to(ct) @ kf.transpose(-2, -1)) * scale
+    if mask is not None and mask.dtype != torch.bool:
+        s = s + mask.to(ct)
+    keep = _visible(q.shape[2], k.shape[2], lengths, query_lengths, cu_q, cu_k, causal, left, right, q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = keep & mask
+    s = s.masked_fill(~keep, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, -1)
+        lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # no key seen: exp(s - lse) = 0
+    return torch.exp(s - lse[..., None]), lse, kf
+
+
+def _blhd(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, H, L, D) in ``dtype`` as a view of (B, L, H, D) memory: the kernels' output layout."""
+    return x.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _materialised_fwd(q, k, v, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k,
+                      causal, left, right, scale, block_q, block_k):  # fmt: skip
+    p, lse, _ = _materialised_probs(
+        q, k, mask, None, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale
     )
-    return probs @ v
+    group = q.shape[1] // max(k.shape[1], 1)
+    out = p @ v.to(p.dtype).repeat_interleave(group, 1)
+    return _blhd(out, q.dtype), lse
+
+
+def _materialised_bwd(grad, q, k, v, out, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q,
+                      max_k, causal, left, right, scale, block_q, block_k, want_ds=False):  # fmt: skip
+    p, _, kf = _materialised_probs(
+        q, k, mask, lse, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale
+    )
+    ct, (B, Hkv), group = p.dtype, k.shape[:2], q.shape[1] // max(k.shape[1], 1)
+    do = grad.to(ct)
+    vf = v.to(ct).repeat_interleave(group, 1)
+    ds = p * (do @ vf.transpose(-2, -1) - (do * out.to(ct)).sum(-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = ((ds.transpose(-2, -1) @ q.to(ct)) * scale).reshape(B, Hkv, group, *k.shape[2:]).sum(2)
+    dv = (p.transpose(-2, -1) @ do).reshape(B, Hkv, group, *v.shape[2:]).sum(2)
+    grads = tuple(_blhd(g, q.dtype) for g in (dq, dk, dv))
+    return (*grads, ds) if want_ds else grads
+
+
+# --- the custom ops -----------------------------------------------------------------------------
+
+
+def _expanded(q, k, mask, backend):
+    """The mask expanded to (B, Hq, Lq, Lk) (a view) and, for a bool one on a fused backend, its
+    tile summary on the kernel's grid, also expanded: computed once per call per distinct tile."""
+    if mask is None:
+        return None, None
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    tiles = None
+    if mask.dtype == torch.bool and backend in ("cpu", "triton"):
+        block_q, block_k = _blocks(backend, q)
+        t = mask_tiles(mask, block_q, block_k)
+        tiles = t.expand(*shape[:2], -(-shape[2] // block_q), -(-shape[3] // block_k))
+    return mask.expand(shape), tiles
+
+
+def _out_like(q, v):
+    B, Hq, Lq = q.shape[:3]
+    out = q.new_empty((B, Lq, Hq, v.shape[-1])).transpose(1, 2)
+    return out, q.new_empty((B, Hq, Lq), dtype=_compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("maskkern::attention", mutates_args=())
+def _attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    lengths: Tensor | None,
+    query_lengths: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: int,
+    window_left: int,
+    window_right: int,
+    scale: float,
+    check_lengths: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if check_lengths:
+        check_nonnegative_values(lengths, "lengths")
+        check_nonnegative_values(query_lengths, "query_lengths")
+    if cu_seqlens_q is not None:
+        _check_cu_values(cu_seqlens_q, "cu_seqlens_q", q.shape[2], max_seqlen_q)
+        _check_cu_values(cu_seqlens_k, "cu_seqlens_k", k.shape[2], max_seqlen_k)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        backend = "torch"  # nothing to tile: the composite gives the empty or all-zero result
+    mask4, tiles = _expanded(q, k, mask, backend)
+    block_q, block_k = _blocks(backend, q)
+    fwd = _kernels(backend)[0]
+    return fwd(
+        q, k, v, mask4, tiles, lengths, query_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal, window_left, window_right, scale, block_q, block_k,
+    )  # fmt: skip
+
+
+@_attention_op.register_fake
+def _(
+    q,
+    k,
+    v,
+    mask,
+    lengths,
+    query_lengths,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    causal,
+    left,
+    right,
+    scale,
+    check,
+    backend,
+):
+    return _out_like(q, v)
+
+
+@torch.library.custom_op("maskkern::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    lengths: Tensor | None,
+    query_lengths: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: int,
+    window_left: int,
+    window_right: int,
+    scale: float,
+    mask_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dmask): dmask (B, Hq, Lq, Lk) only when ``mask_grad`` (a float mask that
+    requires grad: its gradient is (Lq, Lk)-sized, so the backward runs the composite), else
+    empty."""
+    args = (lengths, query_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args += (causal, window_left, window_right, scale)
+    empty = q.new_empty((0,))
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        backend = "torch"
+    grad = _rows_last_dim_contiguous(grad)
+    if mask_grad:
+        mask4 = mask.expand(_scores_shape(q, k))
+        dq, dk, dv, ds = _materialised_bwd(grad, q, k, v, out, lse, mask4, None, *args, 0, 0, want_ds=True)
+        return dq, dk, dv, ds.to(mask.dtype)
+    mask4, tiles = _expanded(q, k, mask, backend)
+    bwd = _kernels(backend)[1]
+    dq, dk, dv = bwd(grad, q, k, v, out, lse, mask4, tiles, *args, *_blocks(backend, q))
+    return dq, dk, dv, empty
+
+
+def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal, left, right,
+      scale, mask_grad, backend):  # fmt: skip
+    grads = tuple(_blhd(torch.empty_like(x), x.dtype) for x in (q, k, v))
+    dmask = q.new_empty(_scores_shape(q, k)) if mask_grad else q.new_empty((0,))
+    return (*grads, dmask)
+
+
+def _setup_context(ctx, inputs, output):
+    (
+        q,
+        k,
+        v,
+        mask,
+        lengths,
+        query_lengths,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        left,
+        right,
+        scale,
+        _,
+        backend,
+    ) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k)
+    ctx.config = (max_q, max_k, causal, left, right, scale)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k = ctx.saved_tensors
+    mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = torch.ops.maskkern.attention_backward(
+        grad, q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k, *ctx.config, mask_grad, ctx.backend
+    )
+    dmask = dmask.sum_to_size(mask.shape) if mask_grad else None
+    return dq, dk, dv, dmask, *([None] * 12)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_native_fakes() -> None:
+    """The C++ kernel ops are called inside the opaque ops above, but get fakes too so that
+    opcheck and tracing can see them on their own."""
+
+    @torch.library.register_fake("maskkern::attention_fwd")
+    def _(q, k, v, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal, left, right,
+          scale, block_q, block_k):  # fmt: skip
+        return _out_like(q, v)
+
+    @torch.library.register_fake("maskkern::attention_bwd")
+    def _(grad, q, k, v, out, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal,
+          left, right, scale, block_q, block_k):  # fmt: skip
+        return tuple(_blhd(torch.empty_like(x), x.dtype) for x in (q, k, v))
+
+
+if native_extension_loaded():
+    _register_native_fakes()

@@ -1,0 +1,166 @@
+"""varlen_attention on every backend available here against per-sequence attention calls (the
+reference and mk.attention), plus masks.unpad / masks.pad and the cu_seqlens checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maskkern as mk
+from maskkern import reference
+
+from .utils import FLOAT_DTYPES, assert_close, backend_device_params
+
+BACKENDS = backend_device_params()
+
+
+def _packed(total, heads, d, dtype, device):
+    return torch.randn(total, heads, d, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+
+
+def _cu(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+
+
+def _check(backend, dtype, q, k, v, cu_q, cu_k=None, **kw):
+    out = mk.varlen_attention(q, k, v, cu_q, cu_k, **kw, backend=backend)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference.varlen_attention(*ref_in, cu_q, cu_k, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    assert_close(out.double(), ref, dtype, scale=10.0)  # three roundings, as in test_attention
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert not g.isnan().any()
+        assert_close(g.double(), rg, dtype, scale=10.0)
+    return out
+
+
+CASES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "bottom-right": {"causal": "bottom_right"},
+    "sliding": {"causal": True, "window": (6, 0)},
+    "band": {"window": (2, 3)},
+    "scale": {"scale": 0.2},
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_matches_per_sequence_reference(backend, device, case, dtype):
+    lengths = [17, 0, 65, 1, 40]  # an empty sequence, a one-token one, one past a 64-row tile
+    total = sum(lengths)
+    cu = _cu(lengths, device)
+    q, k, v = (
+        _packed(total, 2, 16, dtype, device),
+        _packed(total, 2, 16, dtype, device),
+        _packed(total, 2, 8, dtype, device),
+    )
+    _check(backend, dtype, q, k, v, cu, **CASES[case])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_different_query_and_key_lengths_with_gqa(backend, device):
+    lq, lk = [3, 20, 0, 9], [10, 5, 7, 9]
+    cu_q, cu_k = _cu(lq, device).to(torch.int32), _cu(lk, device)
+    q = _packed(sum(lq), 4, 8, torch.float64, device)
+    k, v = _packed(sum(lk), 2, 8, torch.float64, device), _packed(sum(lk), 2, 8, torch.float64, device)
+    for causal in (False, True, "bottom_right"):
+        _check(backend, torch.float64, q, k, v, cu_q, cu_k, causal=causal, enable_gqa=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_equals_the_padded_call_with_lengths(backend, device):
+    B, L, H, D = 3, 37, 2, 16
+    lengths = torch.tensor([37, 5, 20], device=device)
+    x = [torch.randn(B, L, H, D, device=device) for _ in range(3)]
+    padded = mk.attention(
+        *(t.transpose(1, 2) for t in x), lengths=lengths, query_lengths=lengths, causal=True, backend=backend
+    )
+    packed = [mk.masks.unpad(t, lengths) for t in x]
+    (q, cu, max_len), (k, _, _), (v, _, _) = packed
+    out = mk.varlen_attention(
+        q, k, v, cu, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True, backend=backend
+    )
+    assert_close(mk.masks.pad(out, cu, L), padded.transpose(1, 2), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_rows_past_the_last_sequence_are_zero(backend, device):
+    q, k, v = (_packed(10, 1, 4, torch.float64, device) for _ in range(3))
+    out = mk.varlen_attention(q, k, v, _cu([3, 4], device), backend=backend)
+    assert torch.equal(out[7:], torch.zeros_like(out[7:]))
+    out.sum().backward()
+    assert torch.equal(q.grad[7:], torch.zeros_like(q.grad[7:]))
+    assert torch.equal(k.grad[7:], torch.zeros_like(k.grad[7:]))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck(backend, device):
+    cu = _cu([2, 0, 3], device)
+    inputs = tuple(_packed(5, 2, 3, torch.float64, device) for _ in range(3))
+    fn = lambda q, k, v: mk.varlen_attention(q, k, v, cu, causal=True, window=(1, 0), backend=backend)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    cu = _cu([5, 7], device)
+    q, k, v = (_packed(12, 2, 8, torch.float32, device) for _ in range(3))
+    f = lambda q, k, v: mk.varlen_attention(
+        q, k, v, cu, max_seqlen_q=7, max_seqlen_k=7, causal=True, backend=backend
+    )
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+def test_unpad_pad_round_trip():
+    x = torch.randn(3, 6, 2, 4, requires_grad=True)
+    lengths = torch.tensor([6, 0, 2])
+    packed, cu, max_len = mk.masks.unpad(x, lengths)
+    assert (
+        packed.shape == (8, 2, 4) and cu.tolist() == [0, 6, 6, 8] and cu.dtype == torch.int32 and max_len == 6
+    )
+    assert torch.equal(packed[6:], x[2, :2])
+    back = mk.masks.pad(packed, cu, 6)
+    keep = mk.masks.lengths_to_mask(lengths, 6)[..., None, None]
+    assert torch.equal(back, x * keep)
+    back.sum().backward()
+    assert torch.equal(x.grad, keep.expand_as(x).to(x.dtype))
+
+
+@pytest.mark.parametrize(
+    "cu,exc,match",
+    [
+        (torch.tensor([1, 4]), ValueError, "start at 0"),
+        (torch.tensor([0, 4, 2]), ValueError, "non-decreasing"),
+        (torch.tensor([0, 4, 9]), ValueError, "past"),
+        (torch.tensor([0.0, 4.0]), TypeError, "cu_seqlens_q"),
+        (torch.tensor([[0, 4]]), ValueError, "cu_seqlens_q"),
+    ],
+)
+def test_bad_cu_seqlens(cu, exc, match):
+    q, k, v = (torch.randn(8, 2, 4) for _ in range(3))
+    with pytest.raises(exc, match=match):
+        mk.varlen_attention(q, k, v, cu)
+
+
+def test_bad_varlen_arguments():
+    q, k, v = (torch.randn(8, 2, 4) for _ in range(3))
+    cu = torch.tensor([0, 8])
+    with pytest.raises(ValueError, match="heads"):
+        mk.varlen_attention(q, k[:, :1].expand(8, 3, 4), v[:, :1].expand(8, 3, 4), cu, enable_gqa=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        mk.varlen_attention(q, k[:, :1], v[:, :1], cu)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        mk.varlen_attention(q, k, v, cu, max_seqlen_q=3)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        mk.varlen_attention(q, k[:5], v[:5], cu)
+    with pytest.raises(ValueError, match="total, heads, dim"):
+        mk.varlen_attention(q[None], k[None], v[None], cu)
+    with pytest.raises(ValueError, match="lengths must be"):
+        mk.masks.unpad(torch.randn(2, 3), torch.tensor([4, 1]))
