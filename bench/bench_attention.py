@@ -1,16 +1,19 @@
-"""attention vs eager ``F.softmax((q @ k.mT * scale).masked_fill(~keep, -inf), -1) @ v`` vs
-torch.compile of that expression vs ``F.scaled_dot_product_attention(q, k, v, attn_mask=keep)``.
+"""attention and varlen_attention vs ``F.scaled_dot_product_attention`` with the same masks, the
+eager ``F.softmax((q @ k.mT * scale).masked_fill(~keep, -inf), -1) @ v``, torch.compile of it and
+FlexAttention (compiled; its BlockMask built outside the timing, as a user caches it).
 
-keep = key padding from lengths (uniform in [L/4, L]) AND causal, materialised the way users write
-it (bench_masked_softmax.keep_mask: (B, 1, 1, L) lengths mask & (L, L) tril) for eager and SDPA;
-maskkern gets ``lengths=`` and ``causal=True``. Every query sees key 0, so no row is empty and
-SDPA's output is defined everywhere.
+keep = key padding from lengths (uniform in [L/4, L], seeded) AND causal, materialised the way
+users write it (bench_masked_softmax.keep_mask: (B, 1, 1, L) lengths mask & (L, L) tril) for eager
+and SDPA; maskkern gets ``lengths=`` and ``causal=True`` (and, as ``maskkern-mask``, the same bool
+mask, which its tile summary turns back into skipped and mask-free tiles). Every query sees key 0,
+so no row is empty and SDPA's output is defined everywhere.
 
-Sweep: sequence length, with about the same number of scores (B, H, L, L) at each L; head dim 64.
-fp32 on CPU; fp16 and bf16 on GPU. mk.attention is two torch matmuls around masked_softmax: like
-eager it holds the (L, L) probabilities; SDPA's fused kernels (flash attention on CPU and GPU) do
-not. So the table shows what the fused masked softmax buys inside the unfused expression, and how
-far that stays from a fused attention. No bytes model: the matmuls make it compute-bound.
+Cases (CPU fp32; GPU bf16): the headline q (4, 8, 512, 64); the same with query_lengths = lengths
+(SDPA gets its key mask, does the padded queries' work anyway and is timed as a baseline); no mask;
+causal only; padding pays (lengths and query_lengths at 50% against 100%, maskkern alone); packed
+sequences (varlen_attention, its output padded back) against the padded call with lengths and
+query_lengths; the forward at q (1, 1, 8192, 64) for memory; on GPU an L sweep against FlexAttention.
+FLOPs are not modelled (the kept pairs differ per case); GFLOP/s of the kernels are in the notes.
 
     python bench/bench_attention.py [--quick]
 """
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _harness import Case, Context, main
+from _harness import AT_ZERO, Case, CaseResult, Context, Target, at_zero, main, pays, ratio
 from bench_masked_softmax import keep_mask
 from torch import Tensor
 
@@ -32,90 +36,379 @@ from maskkern import reference
 KERNEL = "attention"
 HEAD_DIM = 64
 SCALE = 1 / math.sqrt(HEAD_DIM)  # SDPA's default, and mk.attention's
+HEADLINE = (4, 8, 512, HEAD_DIM)
 
 # (rtol, atol) of the output and the q/k/v gradients against the float64 reference, looser than
 # the softmax's: the matmuls accumulate L products per value and round the scores to the inputs'
 # dtype before the softmax. fp32: maskkern, eager and SDPA all measured 1-3e-6 max abs error at
-# the CPU headline (values up to 5). fp16/bf16 (not yet run on a GPU): every score carries its
-# 2^-11 / 2^-8 relative rounding, so the bounds are a few of those over O(1) values.
+# the CPU headline (values up to 5). fp16/bf16: every score carries its 2^-11 / 2^-8 relative
+# rounding, so the bounds are a few of those over O(1) values.
 TOL = {torch.float32: (1e-4, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
 
 
-def _eager(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-    keep = keep_mask(lengths, True, k.shape[-2], q.device)
-    return F.softmax((q @ k.mT * SCALE).masked_fill(~keep, float("-inf")), -1) @ v
+def _flex():
+    """FlexAttention's (flex_attention, create_block_mask), or None where it is missing."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask(lengths, True, k.shape[-2], q.device))
+FLEX = _flex()
 
 
-def _maskkern(check_lengths: bool):
+def _lengths(B: int, L: int) -> Tensor:
+    return torch.randint(L // 4, L + 1, (B,), generator=torch.Generator().manual_seed(0))
+
+
+def _mk(**fixed):
+    """mk.attention(q, k, v, lengths=..., **fixed) on one backend."""
+
     def for_backend(backend: str):
-        def fn(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-            kw = dict(lengths=lengths, causal=True, check_lengths=check_lengths, backend=backend)
-            return mk.attention(q, k, v, **kw)
+        def fn(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None = None, **_) -> Tensor:
+            return mk.attention(q, k, v, lengths=lengths, scale=SCALE, backend=backend, **fixed)
 
         return fn
 
     return for_backend
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-    """q·kᵀ -> reference.masked_softmax -> ·v in float64, returned in the inputs' dtype."""
-    q64, k64, v64 = (x.double() for x in (q, k, v))
-    probs = reference.masked_softmax(q64 @ k64.mT, lengths=lengths, causal=True, scale=SCALE)
-    return (probs @ v64).to(q.dtype)
+def _eager(causal: bool):
+    def fn(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None = None, **_) -> Tensor:
+        keep = keep_mask(lengths, causal, k.shape[-2], q.device)
+        scores = q @ k.mT * SCALE
+        return F.softmax(scores if keep is None else scores.masked_fill(~keep, float("-inf")), -1) @ v
+
+    return fn
 
 
-def name(shape: tuple[int, int, int, int], dtype: torch.dtype) -> str:
+def _sdpa(causal: bool, as_mask: bool = True):
+    """SDPA with the bool mask (``as_mask``) or, without lengths, ``is_causal``."""
+
+    def fn(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None = None, **_) -> Tensor:
+        if lengths is None and not as_mask:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep_mask(lengths, causal, k.shape[-2], q.device)
+        )
+
+    return fn
+
+
+def _flex_provider(q: Tensor, k: Tensor, v: Tensor, block_mask=None, **_) -> Tensor:
+    return FLEX[0](q, k, v, block_mask=block_mask, scale=SCALE)
+
+
+def _block_mask(lengths: Tensor, L: int, device: torch.device):
+    """FlexAttention's BlockMask of key padding AND causal (built once per input, untimed)."""
+
+    def keep(b, h, q_idx, kv_idx):
+        return (kv_idx < lengths[b]) & (kv_idx <= q_idx)
+
+    return FLEX[1](keep, lengths.numel(), None, L, L, device=device)
+
+
+def _reference(**fixed):
+    def fn(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None = None, **_) -> Tensor:
+        q64, k64, v64 = (x.double() for x in (q, k, v))
+        return reference.attention(q64, k64, v64, lengths=lengths, scale=SCALE, **fixed).to(q.dtype)
+
+    return fn
+
+
+def _d(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def name(label: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:
     """A case's name (the table's row label)."""
-    return f"q {shape} {str(dtype).removeprefix('torch.')} lengths~U[L/4,L] causal"
+    return f"{label} q {shape} {_d(dtype)}"
 
 
-def case(ctx: Context, shape: tuple[int, int, int, int], dtype: torch.dtype) -> Case:
-    """shape = q's (B, H, L, HEAD_DIM); k and v have the same."""
-    B, L = shape[0], shape[2]
-    lens = torch.randint(L // 4, L + 1, (B,), generator=torch.Generator().manual_seed(0))
-
+def _qkv(ctx: Context, shape, dtype, **extra):
     def inputs() -> dict:
         q, k, v = (torch.randn(shape, dtype=dtype, device=ctx.device) for _ in range(3))
-        return {"q": q, "k": k, "v": v, "lengths": lens.to(ctx.device)}
+        return {"q": q, "k": k, "v": v} | {n: (x() if callable(x) else x) for n, x in extra.items()}
 
-    providers = ctx.providers(_maskkern(check_lengths=ctx.checks_values), _eager, sdpa=_sdpa)
-    d = str(dtype).removeprefix("torch.")
+    return inputs
+
+
+def _case(
+    ctx, label, shape, dtype, inputs, providers, ref, *, baselines=(), modes=("fwd", "fwd+bwd")
+) -> Case:
     return Case(
-        name=name(shape, dtype),
+        name=name(label, shape, dtype),
         x_name="L",
-        x=L,
-        config=dict(q=list(shape), dtype=d, lengths="uniform [L/4, L]", causal=True, scale=SCALE),
+        x=shape[2],
+        config=dict(case=label, q=list(shape), dtype=_d(dtype), scale=SCALE),
         inputs=inputs,
         providers=providers,
-        reference=_reference,
-        grad_inputs=("q", "k", "v"),
-        plot=f"seqlen {d}",
+        reference=ref,
+        grad_inputs=("q", "k", "v") if "fwd+bwd" in modes else (),
+        modes=modes,
+        plot=f"cases {_d(dtype)}",
         tol=TOL[dtype],
+        baselines=baselines,
     )
 
 
-def _seq_lengths(ctx: Context) -> list[int]:
-    if ctx.on_gpu:
-        return [1024, 4096] if ctx.quick else [512, 1024, 2048, 4096, 8192]
-    return [512] if ctx.quick else [256, 512, 1024]
+def headline(ctx: Context, shape, dtype) -> Case:
+    """Key padding + causal: maskkern (lengths, and the bool mask) vs eager, compile, SDPA, Flex."""
+    B, L = shape[0], shape[2]
+    lens = _lengths(B, L).to(ctx.device)
+    extra = {"lengths": lens}
+    peers = {"sdpa": _sdpa(True)}
+    if FLEX is not None and ctx.on_gpu:
+        extra["block_mask"] = lambda: _block_mask(lens, L, ctx.device)
+        peers["flex"] = _flex_provider
+    providers = ctx.providers(
+        _mk(causal=True, check_lengths=ctx.checks_values), _eager(True), nocache=False, **peers
+    )
+
+    def with_mask(q, k, v, lengths, **_):
+        return mk.attention(q, k, v, keep_mask(lengths, True, L, q.device), scale=SCALE)
+
+    providers["maskkern-mask"] = with_mask
+    return _case(
+        ctx,
+        "lengths+causal",
+        shape,
+        dtype,
+        _qkv(ctx, shape, dtype, **extra),
+        providers,
+        _reference(causal=True),
+    )
 
 
-def _shape(ctx: Context, L: int) -> tuple[int, int, int, int]:
-    """About 2^23 scores on CPU (L = 512: the masked_softmax headline (4, 8, 512, 512)), 2^27 on
-    GPU: B up to 4, then H."""
-    scores = 1 << (27 if ctx.on_gpu else 23)
-    B = min(4, max(1, scores // (L * L)))
-    return (B, max(1, scores // (B * L * L)), L, HEAD_DIM)
+def flex_forward(ctx: Context, shape, dtype) -> Case:
+    """CPU FlexAttention has no backward: its forward alone, beside maskkern's and SDPA's."""
+    B, L = shape[0], shape[2]
+    lens = _lengths(B, L)
+    providers = {"maskkern": _mk(causal=True)("cpu"), "eager": _eager(True), "sdpa": _sdpa(True)}
+    providers["flex"] = _flex_provider
+    inputs = _qkv(ctx, shape, dtype, lengths=lens, block_mask=lambda: _block_mask(lens, L, ctx.device))
+    return _case(
+        ctx,
+        "flex fwd lengths+causal",
+        shape,
+        dtype,
+        inputs,
+        providers,
+        _reference(causal=True),
+        modes=("fwd",),
+    )
+
+
+def query_lengths(ctx: Context, shape, dtype) -> Case:
+    """query_lengths = lengths too: maskkern skips the padded queries; SDPA computes them anyway."""
+    lens = _lengths(shape[0], shape[2]).to(ctx.device)
+    maskkern = _mk(causal=True, query_lengths=lens)(_backend(ctx))
+    providers = {"maskkern": maskkern, "eager": _eager(True), "sdpa": _sdpa(True)}
+    ref = _reference(causal=True, query_lengths=lens)
+    inputs = _qkv(ctx, shape, dtype, lengths=lens)
+    label = "lengths+query_lengths+causal"
+    return _case(ctx, label, shape, dtype, inputs, providers, ref, baselines=("eager", "sdpa"))
+
+
+def _backend(ctx: Context) -> str:
+    return ctx.maskkern_backends(nocache=False)[0][1]
+
+
+def unmasked(ctx: Context, shape, dtype, causal: bool) -> Case:
+    """Nothing to skip (no mask), or causal only: maskkern vs SDPA (``is_causal``)."""
+    providers = {"maskkern": _mk(causal=causal)(_backend(ctx)), "sdpa": _sdpa(causal, as_mask=False)}
+    providers["eager"] = _eager(causal)
+    label = "causal only" if causal else "no mask"
+    return _case(ctx, label, shape, dtype, _qkv(ctx, shape, dtype), providers, _reference(causal=causal))
+
+
+def padding_pays(ctx: Context, shape, dtype) -> Case:
+    """lengths = query_lengths = L/2 against L (AT_ZERO, same rounds): work goes with the square."""
+    B, L = shape[0], shape[2]
+    half = torch.full((B,), L // 2, device=ctx.device)
+    full = torch.full((B,), L, device=ctx.device)
+
+    def maskkern(backend):
+        def fn(q, k, v, lengths, **_):
+            return mk.attention(q, k, v, lengths=lengths, query_lengths=lengths, causal=True, backend=backend)
+
+        return fn
+
+    providers = {"maskkern": maskkern(_backend(ctx)), "eager": _eager(True)}
+    providers[AT_ZERO] = at_zero(ctx, maskkern, lengths=full)
+    ref = _reference(causal=True, query_lengths=half)
+    inputs = _qkv(ctx, shape, dtype, lengths=half)
+    label = "pad=50% (keys and queries)"
+    return _case(ctx, label, shape, dtype, inputs, providers, ref, baselines=("eager", AT_ZERO))
+
+
+def varlen(ctx: Context, shape, dtype) -> Case:
+    """The headline's sequences packed (varlen_attention, output padded back) against the padded
+    call with lengths = query_lengths (the same work; timed as a baseline in the same rounds)."""
+    B, H, L, D = shape
+    lens = _lengths(B, L).to(ctx.device)
+    cu = torch.zeros(B + 1, dtype=torch.int64, device=ctx.device)
+    cu[1:] = lens.cumsum(0)
+    max_len = int(lens.max())
+    keep = mk.masks.lengths_to_mask(lens, L)
+    backend = _backend(ctx)
+
+    def inputs() -> dict:
+        q, k, v = (torch.randn(B, L, H, D, dtype=dtype, device=ctx.device) for _ in range(3))
+        padded = {n: x.transpose(1, 2) for n, x in (("q", q), ("k", k), ("v", v))}
+        packed = {f"{n}_packed": x[keep].detach() for n, x in (("q", q), ("k", k), ("v", v))}
+        return padded | packed | {"lengths": lens}
+
+    def packed_fn(q_packed, k_packed, v_packed, **_):
+        out = mk.varlen_attention(
+            q_packed,
+            k_packed,
+            v_packed,
+            cu,
+            max_seqlen_q=max_len,
+            max_seqlen_k=max_len,
+            causal=True,
+            backend=backend,
+        )
+        return mk.masks.pad(out, cu, L).transpose(1, 2)
+
+    def padded_fn(q, k, v, lengths, **_):
+        return mk.attention(q, k, v, lengths=lengths, query_lengths=lengths, causal=True, backend=backend)
+
+    ref = _reference(causal=True, query_lengths=lens)
+    providers = {"maskkern": packed_fn, "padded": padded_fn, "eager": _eager(True)}
+    case = _case(ctx, "packed", shape, dtype, inputs, providers, ref, baselines=("padded", "eager"))
+    case.grad_inputs = ("q_packed", "k_packed", "v_packed")
+    return case
+
+
+def long_forward(ctx: Context, dtype) -> Case:
+    """q (1, 1, 8192, 64), forward only: the (L, L) scores alone would be 256 MB in fp32."""
+    shape = (1, 1, 8192, HEAD_DIM)
+    providers = {"maskkern": _mk(causal=True)(_backend(ctx)), "eager": _eager(True)}
+    providers["sdpa"] = _sdpa(True, as_mask=False)
+    return _case(ctx, "causal, long", shape, dtype, _qkv(ctx, shape, dtype), providers, None, modes=("fwd",))
+
+
+def _dtype(ctx: Context) -> torch.dtype:
+    return torch.bfloat16 if ctx.on_gpu else torch.float32
+
+
+def _gpu_lengths(ctx: Context) -> list[int]:
+    return [1024, 16384] if ctx.quick else [1024, 2048, 4096, 8192, 16384]
+
+
+def _gpu_shape(L: int) -> tuple[int, int, int, int]:
+    """About 2^30 scores per call: B up to 4, then H."""
+    B = min(4, max(1, (1 << 30) // (16 * L * L)))
+    return (B, 16, L, HEAD_DIM)
 
 
 def cases(ctx: Context) -> list[Case]:
-    """The sequence-length sweep (quick: one or two lengths)."""
-    dtypes = [torch.float16, torch.bfloat16] if ctx.on_gpu else [torch.float32]
-    return [case(ctx, _shape(ctx, L), dtype) for dtype in dtypes for L in _seq_lengths(ctx)]
+    """CPU: the headline set at (4, 8, 512, 64) (quick: the headline, its query_lengths and packed
+    variants, padding pays); GPU: the L sweep against SDPA and FlexAttention, bf16."""
+    dtype = _dtype(ctx)
+    if ctx.on_gpu:
+        return [headline(ctx, _gpu_shape(L), dtype) for L in _gpu_lengths(ctx)] + [
+            varlen(ctx, _gpu_shape(4096), dtype)
+        ]
+    out = [
+        headline(ctx, HEADLINE, dtype),
+        query_lengths(ctx, HEADLINE, dtype),
+        padding_pays(ctx, HEADLINE, dtype),
+    ]
+    out.append(varlen(ctx, HEADLINE, dtype))
+    if not ctx.quick:
+        out += [
+            unmasked(ctx, HEADLINE, dtype, False),
+            unmasked(ctx, HEADLINE, dtype, True),
+            long_forward(ctx, dtype),
+        ]
+        if FLEX is not None:
+            out.append(flex_forward(ctx, HEADLINE, dtype))
+    return out
+
+
+def _peak(result: CaseResult | None, provider: str, mode: str) -> float | None:
+    m = result and result.times.get((provider, mode))
+    return None if m is None or m.peak_bytes is None else m.peak_bytes
+
+
+def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
+    """The issue's targets: × SDPA's time with the same masks (<= means maskkern is that fraction
+    of SDPA's time), padding pays, packed vs padded, memory."""
+    dtype = _dtype(ctx)
+    out: list[Target] = []
+    get: Callable[[str, tuple], CaseResult | None] = lambda label, shape: results.get(
+        name(label, shape, dtype)
+    )
+    if ctx.on_gpu:
+        flex = [r and ratio(r.p50("maskkern", "fwd+bwd"), r.p50("flex", "fwd+bwd")) for r in
+                (get("lengths+causal", _gpu_shape(L)) for L in _gpu_lengths(ctx))]  # fmt: skip
+        worst = None if any(x is None for x in flex) else max(flex)
+        out.append(
+            Target("attention fwd+bwd bf16 L 1024..16384: max time / FlexAttention's", worst, 1.0, "<=", "")
+        )
+        return out
+    head = get("lengths+causal", HEADLINE)
+    label = f"attention {name('lengths+causal', HEADLINE, dtype)}"
+    inv = lambda r, mode, peer="sdpa": r and ratio(r.p50("maskkern", mode), r.p50(peer, mode))
+    out += [
+        Target(f"{label} fwd+bwd: time / SDPA's", inv(head, "fwd+bwd"), 0.5, "<=", ""),
+        Target(f"{label} fwd: time / SDPA's", inv(head, "fwd"), 0.5, "<=", ""),
+        Target(
+            "attention + query_lengths fwd+bwd: time / SDPA's",
+            inv(get("lengths+query_lengths+causal", HEADLINE), "fwd+bwd"),
+            0.35,
+            "<=",
+            "",
+        ),
+        Target(
+            "attention padding pays: fwd+bwd at 50% / 0% keys and queries",
+            pays(get("pad=50% (keys and queries)", HEADLINE)),
+            0.35,
+            "<=",
+            "",
+        ),
+        Target(
+            "varlen_attention packed / padded with lengths, fwd+bwd",
+            inv(get("packed", HEADLINE), "fwd+bwd", "padded"),
+            1.05,
+            "<=",
+            "",
+        ),
+        Target(
+            "attention fwd+bwd peak memory above inputs / SDPA's",
+            ratio(_peak(head, "maskkern", "fwd+bwd"), _peak(head, "sdpa", "fwd+bwd")),
+            1.1,
+            "<=",
+            "",
+        ),
+    ]
+    if not ctx.quick:
+        long = get("causal, long", (1, 1, 8192, HEAD_DIM))
+        peak = _peak(long, "maskkern", "fwd")
+        out += [
+            Target(
+                "attention no mask fwd+bwd: time / SDPA's",
+                inv(get("no mask", HEADLINE), "fwd+bwd"),
+                1.15,
+                "<=",
+                "",
+            ),
+            Target(
+                "attention causal only fwd+bwd: time / SDPA is_causal",
+                inv(get("causal only", HEADLINE), "fwd+bwd"),
+                0.75,
+                "<=",
+                "",
+            ),
+            Target(
+                "attention fwd q (1, 1, 8192, 64): MB above inputs", peak and peak / 2**20, 16, "<=", "MB"
+            ),
+        ]
+    return out
 
 
 if __name__ == "__main__":
