@@ -3,7 +3,10 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: test bench bench-quick build lint format cuda-build triton-compile sanitize gpu-check info clean
+.PHONY: help test bench bench-quick build lint format cuda-build triton-compile sanitize stress-64bit gpu-check info clean
+
+help:  ## this list: every target with what it does
+	@awk -F':.*## ' '/^[a-z0-9-]+:.*## / { printf "  make %-16s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 test:  ## the test suite (CPU: cpu + torch backends, triton under TRITON_INTERPRET=1)
 	$(ENV) && $$PY -m pytest tests $(PYTEST_ARGS)
@@ -11,20 +14,20 @@ test:  ## the test suite (CPU: cpu + torch backends, triton under TRITON_INTERPR
 bench:  ## the main job: the benchmark suite on whatever device is present
 	$(ENV) && $$PY bench/run.py $(BENCH_ARGS)
 
-bench-quick:
+bench-quick:  ## the headline cases only, in about a minute (results in bench/results/tmp/)
 	$(ENV) && $$PY bench/run.py --quick $(BENCH_ARGS)
 
-build:
+build:  ## set up .venv (first time) and build maskkern._C in place (log: build/build.log)
 	$(ENV)
 
-info:
+info:  ## versions and the backends available here (python -m maskkern.info)
 	$(ENV) && $$PY -m maskkern.info
 
 lint:  ## ruff (check + format) for Python, clang-format for csrc/
 	$(ENV) && ruff check . && ruff format --check . \
 	  && clang-format --dry-run -Werror $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-format:
+format:  ## ruff --fix + ruff format for Python, clang-format -i for csrc/
 	$(ENV) && ruff check --fix . && ruff format . \
 	  && clang-format -i $$(find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
@@ -37,8 +40,11 @@ triton-compile:  ## compile every Triton kernel for sm_90 (no GPU needed): regis
 sanitize:  ## the CPU-backend tests under AddressSanitizer + UndefinedBehaviorSanitizer
 	bash scripts/sanitize.sh
 
+stress-64bit:  ## each CPU kernel on a tensor over 2^31 elements (64-bit offsets; ~14 GiB RAM, minutes)
+	$(ENV) && $$PY scripts/stress_64bit.py $(STRESS_ARGS)
+
 gpu-check:  ## on a GPU machine: build, tests, compute-sanitizer, bench, each time-boxed (scripts/gpu_check.sh)
 	bash scripts/gpu_check.sh $(STEPS)
 
-clean:
+clean:  ## remove the build (build/, maskkern/_C*.so)
 	rm -rf build maskkern/*.so build.lock

@@ -16,7 +16,7 @@ from glob import glob
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, include_paths
 
 
 def _env_flag(name: str) -> bool | None:
@@ -79,17 +79,23 @@ def _extension():
         cxx += [*san, "-DMASKKERN_SANITIZE"]
         link += san
     sources = sorted(glob("csrc/*.cpp")) + sorted(glob("csrc/cpu/*.cpp"))
-    kwargs = dict(
-        name="maskkern._C",
-        include_dirs=[os.path.abspath("csrc")],
-        extra_link_args=link,
-    )
-    if _want_cuda():
+    kwargs = dict(name="maskkern._C", include_dirs=[os.path.abspath("csrc")], extra_link_args=link)
+    cuda = _want_cuda()
+    # torch's headers are another project's: included as system headers, their warnings (hundreds
+    # per source under Python's -Wall) are not shown; our own sources build warning-free.
+    torch_paths = include_paths("cuda" if cuda else "cpu")
+    system = [flag for path in torch_paths for flag in ("-isystem", path)]
+    cxx += system
+    if cuda:
         sources += sorted(glob("csrc/cuda/*.cu"))
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]
-        nvcc += ["--expt-relaxed-constexpr"]
-        return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
-    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+        nvcc += ["--expt-relaxed-constexpr", *system]
+        ext = CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    else:
+        ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    # The extension classes add the same paths as -I, which would take precedence over -isystem.
+    ext.include_dirs = [path for path in ext.include_dirs if path not in torch_paths]
+    return ext
 
 
 setup(

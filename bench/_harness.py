@@ -80,6 +80,7 @@ import torch
 from torch import Tensor
 
 import maskkern
+from maskkern.testing import TOL  # (rtol, atol) of a provider against the reference, as in the tests
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -100,13 +101,6 @@ CSV_COLUMNS = (
     "versions",
     "timestamp",
 )
-# (rtol, atol) of a provider against the reference: the tolerances tests/utils.py holds maskkern to.
-TOL = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.float16: (2e-3, 1e-4),
-    torch.bfloat16: (1.6e-2, 1e-3),
-}
 
 # The compile baseline must stay compiled across a sweep's shapes and the no_grad/grad variants:
 # past the default recompile limit dynamo silently falls back to eager and the comparison would be

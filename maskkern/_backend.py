@@ -1,6 +1,6 @@
 """Which backends exist on this machine, and the choice of one for a given tensor.
 
-Backends (DESIGN.md): ``triton`` (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1),
+Backends (docs/design.md): ``triton`` (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1),
 ``cuda`` (C++/CUDA kernels in maskkern._C), ``cpu`` (C++ CPU kernels in maskkern._C) and
 ``torch`` (the eager reference, everywhere).
 """

@@ -4,7 +4,7 @@
 set -e
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-DEPS="torch==2.13.0 triton>=3.4 numpy ninja pytest hypothesis ruff clang-format matplotlib tqdm"
+DEPS="torch==2.13.0 triton>=3.4 numpy ninja pytest hypothesis ruff clang-format matplotlib tqdm transformers==5.24.0"
 
 if [ -x "$VENV/bin/python" ]; then
   PY="$VENV/bin/python"
@@ -28,4 +28,12 @@ if ! (cd / && "$PY" -c "import maskkern.triton_kernels") >/dev/null 2>&1 || [ "$
 fi
 # The editable install points at the checkout; rebuilding in place picks up csrc/ changes.
 # flock: several builds at once (parallel shells) would race on build/ and the .so.
-(cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" flock "$ROOT/build.lock" "$PY" setup.py -q build_ext --inplace >&2)
+# The compiler's output goes to build/build.log, shown only when the build fails.
+mkdir -p "$ROOT/build"
+# (Written under the lock: a second build waiting for it must not truncate the first one's log.)
+if ! (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" flock "$ROOT/build.lock" \
+  bash -c '"$1" setup.py -q build_ext --inplace >"$2" 2>&1' _ "$PY" "$ROOT/build/build.log"); then
+  cat "$ROOT/build/build.log" >&2
+  echo "[env] building maskkern._C failed (log: build/build.log)" >&2
+  false
+fi

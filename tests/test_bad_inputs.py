@@ -1,4 +1,4 @@
-"""The bad-input catalogue (DESIGN.md, Errors): every public op and module, on every backend that runs
+"""The bad-input catalogue (docs/design.md, Errors): every public op and module, on every backend that runs
 on CPU here, raises the documented exception — ValueError, TypeError or IndexError — with a message
 that names the argument, before any kernel runs.
 

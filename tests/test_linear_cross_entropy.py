@@ -11,7 +11,11 @@ import maskkern as mk
 from maskkern import reference
 from maskkern.ops.linear_cross_entropy import CPU_CHUNK_BYTES, auto_chunk_size
 
-from .utils import assert_close, backend_device_params
+from .utils import (
+    assert_compiles_fullgraph,
+    assert_forward_backward_close,
+    backend_device_params,
+)
 
 BACKENDS = backend_device_params()
 B, T, H, V = 2, 5, 16, 37
@@ -40,16 +44,9 @@ def _check(backend, dtype, hidden, weight, bias, target, grad_scale=10.0, **kw):
     ref_bias = ref_leaves[2] if bias is not None else None
     kw.pop("chunk_size", None)
     ref = reference.linear_cross_entropy(ref_leaves[0], ref_leaves[1], target, ref_bias, **kw)
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert_close(out.double(), ref, dtype)
-    g = torch.randn_like(ref).to(dtype)
-    grads = torch.autograd.grad(out, _leaves(hidden, weight, bias), g)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
-    for name, a, r in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=False):
-        # bf16: the chunk's logits gradient is rounded to bf16 before the bf16 matmuls, as in eager.
-        scale = grad_scale * (4 if dtype == torch.bfloat16 else 1)
-        assert a.shape == r.shape, name
-        assert_close(a.double(), r, dtype, scale=scale)
+    # bf16: the chunk's logits gradient is rounded to bf16 before the bf16 matmuls, as in eager.
+    scale = grad_scale * (4 if dtype == torch.bfloat16 else 1)
+    assert_forward_backward_close(out, ref, _leaves(hidden, weight, bias), ref_leaves, dtype, scale)
     for x, b in zip(_leaves(hidden, weight, bias), before, strict=True):
         assert torch.equal(x.detach(), b)
 
@@ -172,14 +169,7 @@ def test_torch_compile_fullgraph(backend, device):
         )
 
     hidden, weight, b, target = _inputs(torch.float32, device)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    loss = compiled(hidden, weight, target, b)
-    grads = torch.autograd.grad(loss, (hidden, weight, b))
-    ref = f(hidden, weight, target, b)
-    ref_grads = torch.autograd.grad(ref, (hidden, weight, b))
-    torch.testing.assert_close(loss, ref)
-    for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r)
+    assert_compiles_fullgraph(f, (hidden, weight, target, b), [0, 1, 3], device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -1,6 +1,6 @@
 """Reliability of every op on every backend that runs on CPU here: the same bits on every run (and,
 for the C++ ``cpu`` backend, whatever the number of threads), the same results when called from
-several Python threads at once, and inputs that are never written (DESIGN.md: "Inputs are never
+several Python threads at once, and inputs that are never written (docs/design.md: "Inputs are never
 modified"; ``pad_embedding``'s backward "is deterministic").
 
 Each op variant below makes its inputs (the output gradient fed to backward included) and runs

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._dtypes import compute_dtype as torch_compute_dtype
 
 # A row held whole in registers: 64 KiB of compute values (16384 fp32, 8192 fp64) across 16 warps is
 # 32 registers of data per thread. At this cap ptxas (sm_90; Triton 3.6 and 3.9) gives the
@@ -27,9 +28,15 @@ ELEMENTS_PER_WARP = 256
 
 
 def compute_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The dtype the math runs in: fp64 for fp64 data, fp32 otherwise (bf16 arithmetic is wrong in
-    the interpreter and imprecise on a GPU)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """maskkern._dtypes.compute_dtype as a Triton dtype: the COMPUTE of the kernels."""
+    return tl.float64 if torch_compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+@triton.jit
+def safe_max(m):
+    """What a row is shifted by before exp: its max, or 0 while everything so far is -inf, where
+    exp(-inf - -inf) would be NaN (exp(-inf - 0) = 0)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 def row_block(n_cols: int, dtype: torch.dtype) -> tuple[int, bool]:

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import cast_out, compute_dtype, num_warps, row_block
+from .._dtypes import compute_dtype as torch_compute_dtype
+from ._utils import cast_out, compute_dtype, num_warps, row_block, safe_max
 
 
 @triton.jit
@@ -73,8 +74,7 @@ def _cross_entropy_kernel(
             inb = k < C
             x = tl.load(x_row + k, mask=inb, other=float("-inf")).to(COMPUTE)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            # 0 while everything so far is -inf: exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            shift = safe_max(m_new)
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             m = m_new
             if SMOOTH:
@@ -133,7 +133,7 @@ def masked_cross_entropy_fwd(
     logits gradient into ``grad`` ((N, C) contiguous, may be ``logits``) when given. See the module
     docstring and csrc/maskkern.cpp for the contract."""
     n, c = logits.shape
-    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cdt = torch_compute_dtype(logits.dtype)
     ce = torch.empty(n, dtype=cdt, device=logits.device)
     lse = torch.empty(n, dtype=cdt, device=logits.device)
     if n == 0:

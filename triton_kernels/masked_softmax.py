@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import cast_out, compute_dtype, num_warps, row_block, rows_per_program
+from ._utils import cast_out, compute_dtype, num_warps, row_block, rows_per_program, safe_max
 
 # --- shared pieces of the kernels ---------------------------------------------------------------
 
@@ -58,13 +58,6 @@ def _load_logits(scores_ptr, offs, mask_ptr, mask_offs, keep, scale, MASK_KIND, 
         z += tl.load(mask_ptr + mask_offs, mask=keep, other=0.0).to(COMPUTE)
     # A select, not an other=-inf load: a negative or zero scale would turn -inf into +inf or NaN.
     return tl.where(keep, z, float("-inf"))
-
-
-@triton.jit
-def _safe_max(m):
-    """The max to subtract before exp(): 0 for a row with nothing kept (max -inf), so that exp()
-    gives 0 there rather than exp(-inf - -inf) = NaN. NaN propagates."""
-    return tl.where(m == float("-inf"), 0.0, m)
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -108,7 +101,7 @@ def _fwd_rows_kernel(
         scores_ptr, offs, mask_ptr, mask_offs, keep, tl.full([], scale, COMPUTE), MASK_KIND, COMPUTE
     )
 
-    e = tl.exp(z - _safe_max(tl.max(z, axis=1))[:, None])
+    e = tl.exp(z - safe_max(tl.max(z, axis=1))[:, None])
     s = tl.sum(e, axis=1)[:, None]
     # s == 0 only where every e is 0 (nothing kept): divide by 1 there, giving zeros, not NaN.
     y = e / tl.where(s == 0, 1.0, s)
@@ -163,12 +156,12 @@ def _fwd_long_kernel(
             COMPUTE,
         )
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        shift = _safe_max(m_new)
+        shift = safe_max(m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
 
     # Pass 2 over the whole row: the masked tail is written as zeros without being loaded.
-    shift = _safe_max(m)
+    shift = safe_max(m)
     s = tl.where(s == 0, 1.0, s)  # nothing kept: every exp() below is 0, so the row is zeros
     for start in range(0, Lk, BLOCK):
         k = start + cols

@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
 
@@ -75,8 +76,7 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
     const int64_t count = std::min(lanes, C - j);
     vmax = at::vec::maximum(vmax, Vec::set(Vec(-kInf), load(x + j, count), count));  // keeps NaN
   }
-  const acc_t m = at::vec::vec_reduce_all<acc_t>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  const acc_t m = at::vec::vec_reduce_all<acc_t>(Max<acc_t>(), vmax);
   // The Python layer has checked the target; an unchecked one still reads nothing out of bounds.
   // A NaN, +inf (inf - inf) or an all -inf row gives NaN, as log_softmax does in eager.
   if (t < 0 || t >= C || !std::isfinite(m)) {
@@ -101,15 +101,14 @@ void cross_entropy_row(const Params<acc_type<scalar_t>>& p, int64_t i, const sca
       vsmooth = vsmooth + (p.weight != nullptr ? d * Vec::loadu(p.weight + j, count) : d);
     }
   }
-  const auto add = [](const Vec& a, const Vec& b) { return a + b; };
-  const acc_t sum = at::vec::vec_reduce_all<acc_t>(add, vsum);
+  const acc_t sum = at::vec::vec_reduce_all<acc_t>(Sum<acc_t>(), vsum);
   const acc_t row_lse = m + std::log(sum);
   const acc_t x_t = static_cast<acc_t>(x[t]);  // read now: the gradient may overwrite x
   const acc_t w_t = p.weight != nullptr ? p.weight[t] : acc_t(1);
   const acc_t eps = p.smoothing / static_cast<acc_t>(C);
   acc_t row_ce = (1 - p.smoothing) * w_t * (row_lse - x_t);
   if (smooth) {
-    const acc_t smooth_sum = at::vec::vec_reduce_all<acc_t>(add, vsmooth);
+    const acc_t smooth_sum = at::vec::vec_reduce_all<acc_t>(Sum<acc_t>(), vsmooth);
     row_ce += eps * (p.weight_sum * (row_lse - m) + smooth_sum);
   }
   ce[i] = row_ce;
@@ -183,38 +182,14 @@ void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, cons
   });
 }
 
-void check_optional_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t size,
-                           at::ScalarType dtype) {
-  if (t.has_value()) {
-    TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size, ",), got ",
-                t->sizes());
-    TORCH_CHECK(t->scalar_type() == dtype, name, " must be ", dtype, ", got ", t->scalar_type());
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> masked_cross_entropy_fwd(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& valid_in,
     const c10::optional<at::Tensor>& weight_in, double label_smoothing, double z_loss,
     const c10::optional<at::Tensor>& grad_scale_in, const c10::optional<at::Tensor>& grad) {
-  TORCH_CHECK(logits_in.device().is_cpu(), "logits must be a CPU tensor");
-  TORCH_CHECK(logits_in.dim() == 2, "logits must be (N, C), got shape ", logits_in.sizes());
+  checks::masked_cross_entropy_fwd(logits_in, target_in, valid_in, weight_in, grad_scale_in, grad);
   const auto dtype = logits_in.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-      "logits must be float16/bfloat16/float32/float64, got ", dtype);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  check_optional_vector(target_in, "target", N, at::kLong);
-  check_optional_vector(valid_in, "valid", N, at::kBool);
-  check_optional_vector(weight_in, "weight", C, acc);
-  check_optional_vector(grad_scale_in, "grad_scale", 2, acc);
-  if (grad.has_value()) {
-    TORCH_CHECK(grad->device().is_cpu() && grad->scalar_type() == dtype,
-                "grad must be a CPU tensor of logits' dtype");
-    TORCH_CHECK(grad->sizes() == logits_in.sizes() && grad->is_contiguous(),
-                "grad must be a contiguous (N, C) tensor, got shape ", grad->sizes());
-  }
+  const at::ScalarType acc = checks::compute_type(dtype);
   // Class stride 1 is the fast layout the Python layer provides; anything else is copied.
   const at::Tensor logits = logits_in.stride(1) == 1 || C <= 1 ? logits_in : logits_in.contiguous();
   const at::Tensor target = target_in.contiguous(), valid = valid_in.contiguous();
@@ -238,15 +213,8 @@ std::tuple<at::Tensor, at::Tensor> masked_cross_entropy_fwd(
 // inf would make 0 * inf = NaN), as in eager — and a factor of 1 (loss.backward()) skips the row.
 void masked_cross_entropy_scale_(at::Tensor& grad, const at::Tensor& valid_in,
                                  const at::Tensor& grad_loss_in) {
-  TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 2 && grad.is_contiguous(),
-              "grad must be a contiguous (N, C) CPU tensor, got shape ", grad.sizes());
+  checks::masked_cross_entropy_scale_(grad, valid_in, grad_loss_in);
   const int64_t N = grad.size(0), C = grad.size(1);
-  check_optional_vector(valid_in, "valid", N, at::kBool);
-  const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_loss_in.device().is_cpu() && grad_loss_in.scalar_type() == acc &&
-                  (grad_loss_in.numel() == 1 || grad_loss_in.numel() == N),
-              "grad_loss must hold 1 or N = ", N, " values of dtype ", acc, ", got shape ",
-              grad_loss_in.sizes(), " and dtype ", grad_loss_in.scalar_type());
   const at::Tensor valid = valid_in.contiguous(), grad_loss = grad_loss_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "masked_cross_entropy_scale_", [&] {

@@ -1,8 +1,8 @@
 // masked_softmax on CPU: one row = the keys of one (b, h, query) triple of scores (B, H, Lq, Lk).
 //
-// Each row first gets its key extent n from lengths, query_lengths and causal, less the keys a
-// bool mask drops at the row's end: keys j >= n are masked, so the kernels never read them and
-// write zeros there. Within [0, n) the forward makes three passes over a per-thread fp32 (fp64)
+// Each row first gets its extent n from lengths, query_lengths and causal, less the keys a bool
+// mask drops at the row's end: keys j >= n are masked, so the kernels never read them and write
+// zeros there. Within [0, n) the forward makes three passes over a per-thread fp32 (fp64)
 // buffer that stays in L1: z = scores * scale (+ additive, or -inf where the bool mask drops a
 // key) and its max, then e = exp(z - max) and its sum, then y = e / sum stored in scores' dtype.
 // The backward reads Y and dY only on [0, n) too: Y is zero beyond it.
@@ -29,6 +29,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+#include "cpu/mask_lanes.h"
 #include "cpu/output_memory.h"
 #include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
@@ -37,9 +39,9 @@ namespace maskkern {
 namespace {
 
 // The sum over a row of term(j, count), the vector of keys [j, j + count): fp32 vector sums over
-// blocks of keys, added up in fp64. One running fp32 sum drifts on long rows (by ~1e-5 relative
-// at 70000 keys, the fp32 tolerance), and with it every output of the row. Four vector sums run
-// side by side: with one, a cheap term (the backward's y * g) waits on the last add (4 cycles).
+// blocks of keys, added up in fp64, because one running fp32 sum drifts on long rows by as much as
+// the fp32 tolerance. Four vector sums run side by side so that a cheap term (the backward's
+// y * g) does not wait on the previous add.
 template <typename acc_t, typename Term>
 acc_t row_sum(int64_t n, const Term& term) {
   using Vec = Vectorized<acc_t>;
@@ -59,40 +61,9 @@ acc_t row_sum(int64_t n, const Term& term) {
       partial[0] = partial[0] + term(j, std::min(lanes, end - j));
     }
     const Vec all = (partial[0] + partial[1]) + (partial[2] + partial[3]);
-    total += at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, all);
+    total += at::vec::vec_reduce_all<acc_t>(Sum<acc_t>(), all);
   }
   return static_cast<acc_t>(total);
-}
-
-// All-ones lanes where the bools at p are true, one bool per lane of Vectorized<acc_t>. ATen's
-// VecMask::from(const bool*) writes the lanes one by one to memory and loads them back as a vector
-// (a store-forwarding stall each time): the forward with a bool mask took twice the time of the
-// unmasked one.
-template <typename acc_t>
-Vectorized<acc_t> keep_lanes(const bool* p) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm512_castsi512_ps(_mm512_movm_epi32(_mm_test_epi8_mask(bytes, bytes)));
-  } else {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return _mm512_castsi512_pd(
-        _mm512_movm_epi64(static_cast<__mmask8>(_mm_test_epi8_mask(bytes, bytes))));
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256i zero = _mm256_setzero_si256();
-  if constexpr (std::is_same_v<acc_t, float>) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(bytes), zero));
-  } else {
-    int32_t four;
-    std::memcpy(&four, p, sizeof(four));
-    const __m256i wide = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
-    return _mm256_castsi256_pd(_mm256_cmpgt_epi64(wide, zero));
-  }
-#else
-  return at::vec::VecMask<acc_t, 1>::from(p);
-#endif
 }
 
 // A row of the mask: elements at ptr[j * stride]. mask_t = bool (true = keep) or scores' dtype
@@ -124,16 +95,16 @@ struct MaskRow {
     }
   }
 
-  // n without the keys at its end that a bool mask drops: they need not be read. A key padding
-  // mask (B, 1, 1, Lk) then costs what lengths do.
-  int64_t kept_extent(int64_t n) const {
+  // The extent n without the keys at its end that a bool mask drops: they need not be read. A key
+  // padding mask (B, 1, 1, Lk) then costs what lengths do.
+  int64_t extent(int64_t n) const {
     if constexpr (std::is_same_v<mask_t, bool>) {
       if (stride == 0) {
         return n > 0 && ptr[0] ? n : 0;
       }
       if (stride == 1) {
-        // 32 keys at a time while all are dropped (bools are bytes of 0 or 1), then 8 at a time:
-        // 5% faster on a key padding mask than going one by one after the 32s.
+        // 32 keys at a time while all are dropped (bools are bytes of 0 or 1), then 8 at a time,
+        // then one by one.
         for (uint64_t words[4]; n >= 32; n -= 32) {
           std::memcpy(words, ptr + n - 32, sizeof(words));
           if ((words[0] | words[1] | words[2] | words[3]) != 0) {
@@ -155,33 +126,32 @@ struct MaskRow {
   }
 };
 
-// --- rows: their coordinates and their key extents ---------------------------------------------
+// --- rows: their coordinates and their extents -------------------------------------------------
 
-// Validates the kernel-level invariants of scores (or out) and the lengths, and keeps the
-// contiguous lengths alive while the kernel runs.
+// The coordinates and extents of the rows of scores (or out); keeps the contiguous lengths alive
+// while the kernel runs.
 class RowGeometry {
  public:
   RowGeometry(const at::Tensor& scores, const c10::optional<at::Tensor>& lengths,
               const c10::optional<at::Tensor>& query_lengths, int64_t causal)
-      : lengths_(checked_lengths(lengths, scores, "lengths")),
-        query_lengths_(checked_lengths(query_lengths, scores, "query_lengths")),
+      : lengths_(lengths.has_value() ? lengths->contiguous() : at::Tensor()),
+        query_lengths_(query_lengths.has_value() ? query_lengths->contiguous() : at::Tensor()),
         lengths_ptr_(lengths_.defined() ? lengths_.const_data_ptr<int64_t>() : nullptr),
         query_lengths_ptr_(query_lengths_.defined() ? query_lengths_.const_data_ptr<int64_t>()
                                                     : nullptr),
         causal_(causal),
         H_(scores.size(1)),
         Lq_(scores.size(2)),
-        Lk_(scores.size(3)) {
-    TORCH_CHECK(causal >= 0 && causal <= 2, "causal must be 0, 1 or 2, got ", causal);
-  }
+        Lk_(scores.size(3)) {}
 
   int64_t row_len() const { return Lk_; }
   int64_t batch(int64_t row) const { return row / (H_ * Lq_); }
   int64_t head(int64_t row) const { return row / Lq_ % H_; }
   int64_t query(int64_t row) const { return row % Lq_; }
 
-  // Keys [0, n) of the row may be visible; everything from n on is masked.
-  int64_t key_extent(int64_t row) const {
+  // The row's extent n: keys [0, n) may be visible, everything from n on is masked. A negative
+  // length (check_lengths=False skips the check in Python) masks the whole row: n clamps to 0.
+  int64_t extent(int64_t row) const {
     const int64_t b = batch(row), i = query(row);
     if (query_lengths_ptr_ != nullptr && i >= query_lengths_ptr_[b]) {
       return 0;
@@ -199,25 +169,6 @@ class RowGeometry {
   }
 
  private:
-  static at::Tensor checked_lengths(const c10::optional<at::Tensor>& lengths,
-                                    const at::Tensor& scores, const char* name) {
-    if (!lengths.has_value()) {
-      return at::Tensor();
-    }
-    TORCH_CHECK(lengths->device().is_cpu(), name, " must be a CPU tensor");
-    TORCH_CHECK(lengths->scalar_type() == at::kLong, name, " must be int64, got ",
-                lengths->scalar_type());
-    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == scores.size(0), name,
-                " must have shape (", scores.size(0), ",), got ", lengths->sizes());
-    at::Tensor checked = lengths->contiguous();
-    // Here, not in Python: on a cold cache a Python-side (lengths < 0).any() costs ~0.1 ms a call.
-    const int64_t* values = checked.const_data_ptr<int64_t>();
-    const int64_t* min = std::min_element(values, values + checked.numel());
-    TORCH_CHECK_VALUE(min == values + checked.numel() || *min >= 0, name, " must be >= 0, got min ",
-                      *min);
-    return checked;
-  }
-
   at::Tensor lengths_, query_lengths_;  // undefined when not given
   const int64_t* lengths_ptr_;          // nullptr when not given
   const int64_t* query_lengths_ptr_;
@@ -225,7 +176,7 @@ class RowGeometry {
   int64_t H_, Lq_, Lk_;
 };
 
-// The rows of a (B, H, Lq, Lk) mask view (mask_t = NoMask: none) and their key extents: the
+// The rows of a (B, H, Lq, Lk) mask view (mask_t = NoMask: none) and their extents: the
 // geometry's, less the keys a bool mask drops at the row's end.
 template <typename mask_t>
 struct RowMasks {
@@ -244,19 +195,18 @@ struct RowMasks {
   }
   // The row's extent, given its mask row at(row).
   int64_t extent(int64_t row, const MaskRow<mask_t>& mask) const {
-    return mask.kept_extent(geo.key_extent(row));
+    return mask.extent(geo.extent(row));
   }
   int64_t extent(int64_t row) const { return extent(row, at(row)); }
 };
 
-// Rows cost in proportion to their key extent (lengths, causal), and at::parallel_for gives each
-// thread one contiguous range of its indices: so the indices are tasks (one per thread), and each
-// task takes the next block of rows from a shared counter when it is done with its last. A fixed
-// round robin of blocks gave one of two threads 59% of the headline's keys: under causal, the
-// odd blocks of each (b, h) are its longer rows. Rows do not depend on which task runs them, so the
-// results stay bitwise the same. A task claims the block it runs next before it runs the current
-// one, so that the prefetch (rows_prefetched) runs on into it: the backward at 50% key padding ran
-// 8-13% faster than when every block started cold. f(task, RowBlock).
+// Rows cost in proportion to their extent (lengths, causal), and at::parallel_for gives each thread
+// one contiguous range of its indices: so the indices are tasks (one per thread), and each task
+// takes the next block of rows from a shared counter when it is done with its last, which balances
+// rows of uneven cost (a fixed round robin does not: under causal, alternate blocks are the longer
+// rows). Rows do not depend on which task runs them, so the results stay bitwise the same. A task
+// claims the block it runs next before it runs the current one, so that the prefetch
+// (rows_prefetched) runs on into it rather than starting every block cold. f(task, RowBlock).
 struct RowBlock {
   int64_t first, end;            // the rows of this block
   int64_t then_first, then_end;  // the rows of the task's next block; empty when it has none
@@ -290,18 +240,9 @@ int64_t num_tasks(int64_t rows, int64_t row_len) {
 
 // A row is read only up to its extent, and a read that stops short of the row's end loses the
 // hardware prefetcher. So partial rows are prefetched about kPrefetchBytes ahead, into L2 (the T2
-// hint). Measured on the headline (4, 8, 512, 512), lengths + causal, fwd+bwd: 6.5 ms without
-// prefetch, 4.2 ms at 16 KiB ahead, 4.0 ms at 32 and 64 KiB; a T0 hint (into L1) 5.3 ms, and
-// prefetching whole rows as well 4.8 ms. Even prefetched, the first half of every 2 KiB row costs
-// far more than half of whole rows here (C loops, 2 threads: reading alone, 0.6 to 1.0 of the time
-// of whole rows from one day's spell to another's, 0.8 to 1.4 unprefetched; with the backward's two
-// reads and streamed write, 0.72-0.87), and the kernels' own backward at 50% key padding took
-// 0.74-0.87 of its time at 0% one day and 0.76-1.3 the next, with the prefetch scheme of
-// rows_prefetched. Also measured and worse: prefetchnta (1.37x slower fwd+bwd), the hardware
-// prefetcher alone for one of the backward's two inputs (1.47x), the two inputs' lines interleaved
-// (6-10% slower), prefetches of every second line only (nothing fetches the other: 8-15% slower in
-// a C loop), no software prefetch for rows kept beyond 3/4 of their length (4% slower on the
-// headline); no better: descending order.
+// hint): far enough to cover memory latency, near enough to stay in L2. Whole rows are left to the
+// hardware prefetcher. (The alternatives tried, and their timings, are in the commit history and
+// bench/results/.)
 constexpr int64_t kPrefetchBytes = 32768;
 
 // Rows to prefetch ahead for rows of row_len elements of T.
@@ -328,11 +269,9 @@ void prefetch_row(const T* row, int64_t n, int64_t row_len) {
 
 // Calls f(row) for the rows of the block in order, with prefetch(row) `ahead` rows before in the
 // task's order (the last rows of a block prefetch the first of the next) and, when again > 0,
-// once more `again` rows before. Some prefetches seem to be dropped when the core's miss buffers
-// are full; a second request for the same lines catches them. Measured on the backward (two
-// inputs, twice the prefetches of the forward): 8-10% faster at 50% key padding and on the
-// headline with again = ahead / 4, and 7% slower at 50% padding without each block prefetching
-// its own first rows again as it starts. The forward ran 1-3% slower with a second request.
+// once more `again` rows before: prefetches are dropped when the core's miss buffers are full, and
+// a second request for the same lines catches them. The backward (two inputs, twice the prefetches)
+// asks twice; the forward once. Each block prefetches its own first rows again as it starts.
 template <typename Prefetch, typename F>
 void rows_prefetched(const RowBlock& b, int64_t ahead, int64_t again, const Prefetch& prefetch,
                      const F& f) {
@@ -350,15 +289,6 @@ void rows_prefetched(const RowBlock& b, int64_t ahead, int64_t again, const Pref
     }
     f(row);
   }
-}
-
-void check_scores(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 4, name, " must be (B, H, Lq, Lk), got shape ", t.sizes());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-      name, " must be float16/bfloat16/float32/float64, got ", dtype);
 }
 
 // --- forward -----------------------------------------------------------------------------------
@@ -388,8 +318,7 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
     vmax = at::vec::clamp_min(vmax, v);
     v.store(z + j);
   }
-  const acc_t max = at::vec::vec_reduce_all<acc_t>(
-      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  const acc_t max = at::vec::vec_reduce_all<acc_t>(Max<acc_t>(), vmax);
   // As in eager, a kept NaN, or +inf (inf - inf), makes every output of the row NaN.
   const auto nan_row = [&] {
     std::fill_n(y, Lk, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
@@ -442,17 +371,6 @@ void softmax_rows(const at::Tensor& scores, const RowMasks<mask_t>& masks, doubl
   });
 }
 
-// A mask as the kernels take it: a (B, H, Lq, Lk) view of t's shape, bool or t's dtype.
-void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& t) {
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->device().is_cpu(), "mask must be a CPU tensor");
-    TORCH_CHECK(mask->sizes() == t.sizes(), "mask must be a (B, H, Lq, Lk) view of shape ",
-                t.sizes(), ", got ", mask->sizes());
-    TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == t.scalar_type(),
-                "mask must be bool or ", t.scalar_type(), ", got ", mask->scalar_type());
-  }
-}
-
 bool is_bool(const c10::optional<at::Tensor>& mask) {
   return mask.has_value() && mask->scalar_type() == at::kBool;
 }
@@ -461,9 +379,8 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
                               const c10::optional<at::Tensor>& lengths,
                               const c10::optional<at::Tensor>& query_lengths, int64_t causal,
                               double scale) {
-  check_scores(scores_in, "scores");
+  checks::masked_softmax_fwd(scores_in, mask, lengths, query_lengths, causal);
   const RowGeometry geo(scores_in, lengths, query_lengths, causal);
-  check_mask(mask, scores_in);
   const at::Tensor scores = scores_in.contiguous();
   at::Tensor out = empty_for_writing(scores.sizes(), scores.options());
   if (scores.numel() == 0) {
@@ -488,10 +405,9 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
 // --- backward ----------------------------------------------------------------------------------
 
 // dx = scale * y * (g - sum(y * g)) on [0, n); zeros beyond, where y is 0. scratch: len elements
-// for write_row_vectors. Flattened: inlined, the loops keep the lambdas' captures in registers.
-// Called, they reloaded them after every vector store (an intrinsic's store may alias anything):
-// the backward ran 10-20% slower in cache, and 10% on the headline. (Forcing the inlining into the
-// forward too made it 20% slower.)
+// for write_row_vectors. Flattened so that the loops keep the lambdas' captures in registers:
+// called, they reload them after every vector store (an intrinsic's store may alias anything).
+// (The forward is not flattened: it is slower so.)
 template <typename scalar_t>
 __attribute__((flatten)) void softmax_backward_row(const scalar_t* g, const scalar_t* y, int64_t n,
                                                    int64_t Lk, acc_type<scalar_t> scale,
@@ -538,13 +454,8 @@ at::Tensor masked_softmax_bwd(const at::Tensor& grad_in, const at::Tensor& out_i
                               const c10::optional<at::Tensor>& lengths,
                               const c10::optional<at::Tensor>& query_lengths, int64_t causal,
                               double scale) {
-  check_scores(out_in, "out");
-  TORCH_CHECK(grad_in.sizes() == out_in.sizes(), "grad must have out's shape ", out_in.sizes(),
-              ", got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == out_in.scalar_type() && grad_in.device() == out_in.device(),
-              "grad must have out's dtype and device");
+  checks::masked_softmax_bwd(grad_in, out_in, mask, lengths, query_lengths, causal);
   const RowGeometry geo(out_in, lengths, query_lengths, causal);
-  check_mask(mask, out_in);
   const at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous();
   at::Tensor dx = empty_for_writing(out.sizes(), out.options());
   if (out.numel() == 0) {

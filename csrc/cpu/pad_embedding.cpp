@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/output_memory.h"
 #include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
@@ -101,14 +102,7 @@ void gather_rows(const index_t* ids, int64_t N, const scalar_t* weight, int64_t 
 
 at::Tensor pad_embedding_fwd(const at::Tensor& ids_in, const at::Tensor& weight, int64_t pad,
                              bool zero_pad, double scale) {
-  TORCH_CHECK(ids_in.device().is_cpu() && weight.device().is_cpu(),
-              "pad_embedding_fwd: ids and weight must be CPU tensors");
-  TORCH_CHECK(ids_in.dim() == 1, "ids must be 1-D, got shape ", ids_in.sizes());
-  TORCH_CHECK(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong,
-              "ids must be int32 or int64, got ", ids_in.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, "weight must be (V, D), got shape ", weight.sizes());
-  TORCH_CHECK(weight.stride(1) == 1 || weight.size(1) <= 1,
-              "weight must have unit column stride, got strides ", weight.strides());
+  checks::pad_embedding_fwd(ids_in, weight);
   const at::Tensor ids = ids_in.contiguous();
   const int64_t N = ids.size(0), V = weight.size(0), D = weight.size(1);
   at::Tensor out = empty_for_writing({N, D}, weight.options());
@@ -243,15 +237,7 @@ void reduce_rows(const scalar_t* grad, const TokensById& tokens, int64_t num_wei
 at::Tensor pad_embedding_bwd(const at::Tensor& grad_in, const at::Tensor& ids_in,
                              int64_t num_weights, int64_t pad, bool scale_grad_by_freq,
                              double scale) {
-  TORCH_CHECK(grad_in.device().is_cpu() && ids_in.device().is_cpu(),
-              "pad_embedding_bwd: grad and ids must be CPU tensors");
-  TORCH_CHECK(ids_in.dim() == 1, "ids must be 1-D, got shape ", ids_in.sizes());
-  TORCH_CHECK(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong,
-              "ids must be int32 or int64, got ", ids_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == ids_in.size(0),
-              "grad must be (N, D) with N = ids.size(0) = ", ids_in.size(0), ", got shape ",
-              grad_in.sizes());
-  TORCH_CHECK(num_weights >= 0, "num_weights must be >= 0, got ", num_weights);
+  checks::pad_embedding_bwd(grad_in, ids_in, num_weights);
   const at::Tensor grad = grad_in.contiguous(), ids = ids_in.contiguous();
   const int64_t N = grad.size(0), D = grad.size(1);
   at::Tensor grad_weight = empty_for_writing({num_weights, D}, grad.options());

@@ -46,6 +46,22 @@ void store(scalar_t* p, const Vectorized<acc_type<scalar_t>>& v, int64_t count) 
   }
 }
 
+// The reductions of a row's vector partials (at::vec::vec_reduce_all): their sum, and their max,
+// which keeps a NaN.
+template <typename acc_t>
+struct Sum {
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) const {
+    return a + b;
+  }
+};
+
+template <typename acc_t>
+struct Max {
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) const {
+    return at::vec::maximum(a, b);
+  }
+};
+
 // exp for rows of x - max <= 0, fp32. With AVX-512: exp(x) = 2^k exp(r), k = round(x / ln 2),
 // r = x - k ln 2 in two parts, exp(r) by a degree-6 polynomial in Horner form (coefficients fitted
 // to |r| <= ln 2 / 2 for least maximum relative error, 1.9e-9 in exact arithmetic), and 2^k applied

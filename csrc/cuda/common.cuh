@@ -63,6 +63,14 @@ __device__ __forceinline__ void store_partial(T* p, bool packed, int64_t j0, int
   }
 }
 
+// The sum of two partials, for group_allreduce / block_allreduce.
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
 // Overloaded (found by argument-dependent lookup) for kernels' own reduction types.
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int offset) {

@@ -22,6 +22,7 @@
 #include <limits>
 #include <tuple>
 
+#include "checks.h"
 #include "common.cuh"
 
 namespace maskkern {
@@ -29,6 +30,7 @@ namespace {
 
 using device::block_allreduce;
 using device::kWarpSize;
+using device::Sum;
 
 template <typename scalar_t>
 struct Params {
@@ -49,13 +51,6 @@ struct Max {
   template <typename T>
   __device__ T operator()(T a, T b) const {
     return (a != a || a > b) ? a : b;  // NaN wins, as in eager
-  }
-};
-
-struct Sum {
-  template <typename T>
-  __device__ T operator()(T a, T b) const {
-    return a + b;
   }
 };
 
@@ -137,16 +132,6 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const Params<scalar
   }
 }
 
-void check_vector(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& like,
-                  int64_t size, at::ScalarType dtype) {
-  if (t.has_value()) {
-    TORCH_CHECK(t->device() == like.device(), name, " must be on ", like.device());
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size, ",), got ",
-                t->sizes());
-    TORCH_CHECK(t->scalar_type() == dtype, name, " must be ", dtype, ", got ", t->scalar_type());
-  }
-}
-
 // Threads of a block that works on one row of C values: enough to cover the row in a few strides,
 // at most 1024 (a multiple of 32).
 int row_threads(int64_t C) {
@@ -161,25 +146,12 @@ std::tuple<at::Tensor, at::Tensor> masked_cross_entropy_fwd_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& valid_in,
     const c10::optional<at::Tensor>& weight_in, double label_smoothing, double z_loss,
     const c10::optional<at::Tensor>& grad_scale_in, const c10::optional<at::Tensor>& grad) {
-  TORCH_CHECK(logits_in.is_cuda(), "logits must be a CUDA tensor");
-  TORCH_CHECK(logits_in.dim() == 2, "logits must be (N, C), got shape ", logits_in.sizes());
+  checks::masked_cross_entropy_fwd(logits_in, target_in, valid_in, weight_in, grad_scale_in, grad);
   const auto dtype = logits_in.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-      "logits must be float16/bfloat16/float32/float64, got ", dtype);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  check_vector(target_in, "target", logits_in, N, at::kLong);
-  check_vector(valid_in, "valid", logits_in, N, at::kBool);
-  check_vector(weight_in, "weight", logits_in, C, acc);
-  check_vector(grad_scale_in, "grad_scale", logits_in, 2, acc);
-  if (grad.has_value()) {
-    TORCH_CHECK(grad->device() == logits_in.device() && grad->scalar_type() == dtype,
-                "grad must be on logits' device with logits' dtype");
-    TORCH_CHECK(grad->sizes() == logits_in.sizes() && grad->is_contiguous(),
-                "grad must be a contiguous (N, C) tensor, got shape ", grad->sizes());
-  }
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 rows, got ", N);
+  const at::ScalarType acc = checks::compute_type(dtype);
+  MASKKERN_ASSERT(N <= std::numeric_limits<int32_t>::max(), "masked_cross_entropy_fwd",
+                  "at most 2^31 - 1 rows, got ", N);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.stride(1) == 1 || C <= 1 ? logits_in : logits_in.contiguous();
   const at::Tensor target = target_in.contiguous(), valid = valid_in.contiguous();
@@ -236,16 +208,10 @@ __global__ void __launch_bounds__(1024)
 
 void masked_cross_entropy_scale_cuda(at::Tensor& grad, const at::Tensor& valid_in,
                                      const at::Tensor& grad_loss_in) {
-  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
-              "grad must be a contiguous (N, C) CUDA tensor, got shape ", grad.sizes());
+  checks::masked_cross_entropy_scale_(grad, valid_in, grad_loss_in);
   const int64_t N = grad.size(0), C = grad.size(1);
-  const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_vector(valid_in, "valid", grad, N, at::kBool);
-  TORCH_CHECK(grad_loss_in.device() == grad.device() && grad_loss_in.scalar_type() == acc &&
-                  (grad_loss_in.numel() == 1 || grad_loss_in.numel() == N),
-              "grad_loss must hold 1 or N = ", N, " values of dtype ", acc, " on ", grad.device(),
-              ", got shape ", grad_loss_in.sizes(), " and dtype ", grad_loss_in.scalar_type());
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 rows, got ", N);
+  MASKKERN_ASSERT(N <= std::numeric_limits<int32_t>::max(), "masked_cross_entropy_scale_",
+                  "at most 2^31 - 1 rows, got ", N);
   if (N == 0 || C == 0) {
     return;
   }

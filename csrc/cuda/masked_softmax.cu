@@ -2,7 +2,7 @@
 // positions excluded, and its backward dX = scale * Y * (dY - sum(Y * dY)). The contract (shapes,
 // mask kinds, lengths, causal codes) is in csrc/maskkern.cpp; the Python layer validates first.
 //
-// Row r = (b, h, i) reads only keys j < n, n = min(lengths[b], the causal limit of i), n = 0 past
+// Row r = (b, h, i) reads only keys j < extent = min(lengths[b], the causal limit of i), 0 past
 // query_lengths[b]; the rest of the row is written without being read. Two kernels per direction:
 //   warp:  Lk <= 1024. A group of G <= 32 lanes per row (several rows per warp for short rows), the
 //          row in registers, shuffle reductions: one read and one write of the row.
@@ -30,6 +30,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "checks.h"
 #include "common.cuh"
 
 namespace maskkern {
@@ -107,13 +108,6 @@ struct MaxOp {
   }
 };
 
-struct SumOp {
-  template <typename A>
-  __device__ __forceinline__ A operator()(A a, A b) const {
-    return a + b;
-  }
-};
-
 // Online softmax state of part of a row: its max and sum(exp(z - safe_shift(max))).
 template <typename A>
 struct MaxSum {
@@ -135,14 +129,14 @@ struct MergeOp {
   }
 };
 
-// Which keys a row reads: j < kept(b, i). lengths / query_lengths: int64 (B,) or null.
+// Which keys a row reads: j < extent(b, i). lengths / query_lengths: int64 (B,) or null.
 struct RowKeys {
   const int64_t* lengths;
   const int64_t* query_lengths;
   int64_t H, Lq, Lk;
   int causal;  // 0 none, 1 top-left (j <= i), 2 bottom-right (j <= i + Lk - Lq)
 
-  __device__ __forceinline__ int64_t kept(int64_t b, int64_t i) const {
+  __device__ __forceinline__ int64_t extent(int64_t b, int64_t i) const {
     if (query_lengths != nullptr && i >= query_lengths[b]) return 0;
     int64_t n = Lk;
     if (lengths != nullptr) n = ::min(n, lengths[b]);
@@ -186,7 +180,7 @@ struct FwdRow {
   const T* x;
   T* y;
   const mask_t<T, K>* m = nullptr;
-  int64_t n;
+  int64_t extent;
   bool x_packed, y_packed, m_packed = false;
 
   __device__ __forceinline__ FwdRow(const FwdParams<T, K>& p, int64_t row) {
@@ -195,7 +189,7 @@ struct FwdRow {
     const int64_t b = row / k.Lq / k.H;
     x = p.scores + row * k.Lk;
     y = p.out + row * k.Lk;
-    n = k.kept(b, i);
+    extent = k.extent(b, i);
     x_packed = is_aligned<kVec<T>>(x);
     y_packed = is_aligned<kVec<T>>(y);
     if constexpr (K != MaskKind::kNone) {
@@ -206,24 +200,25 @@ struct FwdRow {
     }
   }
 
-  // Keys j0 .. j0 + kVec - 1 (j0 a multiple of kVec) as stored; keys j >= n are not read (zeros).
+  // Keys j0 .. j0 + kVec - 1 (j0 a multiple of kVec) as stored; keys j >= extent are not read
+  // (zeros).
   __device__ __forceinline__ void fetch(const FwdParams<T, K>& p, int64_t j0,
                                         FwdRaw<T, K>& raw) const {
     constexpr int V = kVec<T>;
     using M = mask_t<T, K>;
-    load_partial<V>(x, x_packed, j0, n, raw.x, T(0));
+    load_partial<V>(x, x_packed, j0, extent, raw.x, T(0));
     if constexpr (K != MaskKind::kNone) {
       const int64_t ms = p.mask_stride[3];
       if (ms == 1) {
-        load_partial<V>(m, m_packed, j0, n, raw.m, M(0));
+        load_partial<V>(m, m_packed, j0, extent, raw.m, M(0));
       } else {
 #pragma unroll
-        for (int v = 0; v < V; ++v) raw.m[v] = j0 + v < n ? m[(j0 + v) * ms] : M(0);
+        for (int v = 0; v < V; ++v) raw.m[v] = j0 + v < extent ? m[(j0 + v) * ms] : M(0);
       }
     }
   }
 
-  // z = x * scale (+ additive) of a fetched pack; -inf where masked and for keys j >= n.
+  // z = x * scale (+ additive) of a fetched pack; -inf where masked and for keys j >= extent.
   __device__ __forceinline__ void scaled(const FwdParams<T, K>& p, int64_t j0,
                                          const FwdRaw<T, K>& raw, acc_t<T> (&z)[kVec<T>]) const {
     using A = acc_t<T>;
@@ -231,7 +226,7 @@ struct FwdRow {
     for (int v = 0; v < kVec<T>; ++v) {
       A t = static_cast<A>(raw.x[v]) * p.scale;
       if constexpr (K == MaskKind::kAdditive) t += static_cast<A>(raw.m[v]);
-      bool keep = j0 + v < n;
+      bool keep = j0 + v < extent;
       if constexpr (K == MaskKind::kBool) keep = keep && raw.m[v] != 0;
       z[v] = keep ? t : neg_inf<A>();
     }
@@ -257,13 +252,13 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
   const int lane = threadIdx.x % group;
   const int rows_per_block = blockDim.x / group;
   // The loop bound is uniform over the block so that every lane reaches every shuffle; lanes past
-  // the last row take part with n = 0 and store nothing.
+  // the last row take part with extent = 0 and store nothing.
   for (int64_t first = int64_t{blockIdx.x} * rows_per_block; first < p.rows;
        first += int64_t{gridDim.x} * rows_per_block) {
     const int64_t row = first + threadIdx.x / group;
     const bool active = row < p.rows;
     FwdRow<T, K> r(p, active ? row : first);
-    if (!active) r.n = 0;
+    if (!active) r.extent = 0;
     FwdRaw<T, K> raw[CHUNKS];
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) r.fetch(p, int64_t{c * group + lane} * V, raw[c]);
@@ -285,7 +280,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
         sum += z[c][v];
       }
     }
-    const A inv = inverse_sum(group_allreduce(sum, group, SumOp{}));
+    const A inv = inverse_sum(group_allreduce(sum, group, device::Sum{}));
     if (active) {
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
@@ -313,7 +308,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
   const int64_t packs = (Lk + V - 1) / V;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const FwdRow<T, K> r(p, row);
-    const int64_t packs_read = (r.n + V - 1) / V;
+    const int64_t packs_read = (r.extent + V - 1) / V;
     MaxSum<A> part{neg_inf<A>(), A(0)};
     for (int64_t c0 = threadIdx.x; c0 < packs_read; c0 += U * stride) {
       FwdRaw<T, K> raw[U];
@@ -323,7 +318,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       A max = part.max;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        r.scaled(p, (c0 + u * stride) * V, raw[u], z[u]);  // past n: -inf
+        r.scaled(p, (c0 + u * stride) * V, raw[u], z[u]);  // past extent: -inf
 #pragma unroll
         for (int v = 0; v < V; ++v) max = MaxOp{}(max, z[u][v]);
       }
@@ -358,13 +353,13 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
         }
         store_pack<V>(cache + c * V, e);
       }
-      inv = inverse_sum(block_allreduce(sum, reinterpret_cast<A*>(red), SumOp{}));
+      inv = inverse_sum(block_allreduce(sum, reinterpret_cast<A*>(red), device::Sum{}));
     } else {
       const MaxSum<A> total = block_allreduce(part, red, MergeOp<T>{});
       shift = safe_shift(total.max);
       inv = inverse_sum(total.sum);
     }
-    // The whole row is written; keys past n get exp(-inf) * inv = 0.
+    // The whole row is written; keys past extent get exp(-inf) * inv = 0.
     for (int64_t c0 = threadIdx.x; c0 < packs; c0 += U * stride) {
       FwdRaw<T, K> raw[U];
       if constexpr (!CACHED) {
@@ -414,13 +409,13 @@ struct BwdRaw {
   device::Pack<T, kVec<T>> y, g;
 };
 
-// One row of the backward; keys j >= n have Y = 0 and are not read.
+// One row of the backward; keys j >= extent have Y = 0 and are not read.
 template <typename T>
 struct BwdRow {
   const T* g;
   const T* y;
   T* dx;
-  int64_t n;
+  int64_t extent;
   bool g_packed, y_packed, dx_packed;
 
   __device__ __forceinline__ BwdRow(const BwdParams<T>& p, int64_t row) {
@@ -428,16 +423,16 @@ struct BwdRow {
     g = p.grad + row * k.Lk;
     y = p.out + row * k.Lk;
     dx = p.dx + row * k.Lk;
-    n = k.kept(row / k.Lq / k.H, row % k.Lq);
+    extent = k.extent(row / k.Lq / k.H, row % k.Lq);
     g_packed = is_aligned<kVec<T>>(g);
     y_packed = is_aligned<kVec<T>>(y);
     dx_packed = is_aligned<kVec<T>>(dx);
   }
 
-  // Y and dY for keys j0 .. j0 + kVec - 1 as stored; zeros for j >= n, which are not read.
+  // Y and dY for keys j0 .. j0 + kVec - 1 as stored; zeros for j >= extent, which are not read.
   __device__ __forceinline__ void fetch(int64_t j0, BwdRaw<T>& raw) const {
-    load_partial<kVec<T>>(y, y_packed, j0, n, raw.y.v, T(0));
-    load_partial<kVec<T>>(g, g_packed, j0, n, raw.g.v, T(0));
+    load_partial<kVec<T>>(y, y_packed, j0, extent, raw.y.v, T(0));
+    load_partial<kVec<T>>(g, g_packed, j0, extent, raw.g.v, T(0));
   }
 
   // dX = scale * Y * (dY - dot) for keys j0 .. min(j0 + kVec, Lk) - 1.
@@ -477,14 +472,14 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     const int64_t row = first + threadIdx.x / group;
     const bool active = row < p.rows;
     BwdRow<T> r(p, active ? row : first);
-    if (!active) r.n = 0;
+    if (!active) r.extent = 0;
     BwdRaw<T> raw[CHUNKS];
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) r.fetch(int64_t{c * group + lane} * V, raw[c]);
     A dot = 0;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) dot += pack_dot(raw[c]);
-    dot = group_allreduce(dot, group, SumOp{});
+    dot = group_allreduce(dot, group, device::Sum{});
     if (active) {
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
@@ -508,7 +503,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads) masked_softmax_bwd_block(con
   const int64_t packs = (p.keys.Lk + V - 1) / V;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const BwdRow<T> r(p, row);
-    const int64_t packs_read = (r.n + V - 1) / V;
+    const int64_t packs_read = (r.extent + V - 1) / V;
     A dot = 0;
     for (int64_t c0 = threadIdx.x; c0 < packs_read; c0 += U * stride) {
       BwdRaw<T> raw[U];
@@ -520,7 +515,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads) masked_softmax_bwd_block(con
         dot += pack_dot(raw[u]);
       }
     }
-    dot = block_allreduce(dot, red, SumOp{});
+    dot = block_allreduce(dot, red, device::Sum{});
     for (int64_t c0 = threadIdx.x; c0 < packs; c0 += U * stride) {
       BwdRaw<T> raw[U];
 #pragma unroll
@@ -529,7 +524,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads) masked_softmax_bwd_block(con
         if (CACHED && c < packs_read) {
           raw[u] = cache[c];
         } else {
-          r.fetch(c * V, raw[u]);  // past n: zeros, not read
+          r.fetch(c * V, raw[u]);  // past extent: zeros, not read
         }
       }
 #pragma unroll
@@ -674,49 +669,19 @@ void launch_bwd(const Tensor& grad, const Tensor& out, const RowKeys& keys, doub
 
 // --- ops -----------------------------------------------------------------------------------------
 
-void check_scores(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), "masked_softmax (CUDA): ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 4, "masked_softmax (CUDA): ", name, " must be (B, H, Lq, Lk), got ",
-              x.sizes());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble,
-              "masked_softmax (CUDA): ", name, " must be float16/bfloat16/float32/float64, got ",
-              t);
-}
-
-// int64 (B,) on x's device, contiguous (the kernels index it directly).
-std::optional<Tensor> checked_lengths(const std::optional<Tensor>& lengths, const Tensor& x,
-                                      const char* name) {
-  if (!lengths) return std::nullopt;
-  TORCH_CHECK(lengths->scalar_type() == at::kLong, "masked_softmax (CUDA): ", name,
-              " must be int64, got ", lengths->scalar_type());
-  TORCH_CHECK(lengths->device() == x.device(), "masked_softmax (CUDA): ", name, " must be on ",
-              x.device(), ", got ", lengths->device());
-  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == x.size(0), "masked_softmax (CUDA): ", name,
-              " must have shape (", x.size(0), ",), got ", lengths->sizes());
-  return lengths->contiguous();
+// The lengths as the kernels index them: contiguous (checks.h has asserted int64 (B,)).
+std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
 }
 
 Tensor masked_softmax_fwd_cuda(const Tensor& scores_in, const std::optional<Tensor>& mask,
                                const std::optional<Tensor>& lengths_in,
                                const std::optional<Tensor>& query_lengths_in, int64_t causal,
                                double scale) {
-  check_scores(scores_in, "scores");
-  TORCH_CHECK(causal >= 0 && causal <= 2, "masked_softmax (CUDA): causal must be 0, 1 or 2, got ",
-              causal);
-  if (mask) {
-    TORCH_CHECK(mask->device() == scores_in.device(), "masked_softmax (CUDA): mask must be on ",
-                scores_in.device(), ", got ", mask->device());
-    TORCH_CHECK(mask->sizes() == scores_in.sizes(), "masked_softmax (CUDA): mask must be a ",
-                scores_in.sizes(), " view, got ", mask->sizes());
-    TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == scores_in.scalar_type(),
-                "masked_softmax (CUDA): mask must be bool or ", scores_in.scalar_type(), ", got ",
-                mask->scalar_type());
-  }
+  checks::masked_softmax_fwd(scores_in, mask, lengths_in, query_lengths_in, causal);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const Tensor scores = scores_in.contiguous();
-  const auto lengths = checked_lengths(lengths_in, scores, "lengths");
-  const auto query_lengths = checked_lengths(query_lengths_in, scores, "query_lengths");
+  const auto lengths = contiguous(lengths_in), query_lengths = contiguous(query_lengths_in);
   Tensor out = at::empty_like(scores, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
   const RowKeys keys = row_keys(scores, lengths, query_lengths, causal);
@@ -733,25 +698,17 @@ Tensor masked_softmax_fwd_cuda(const Tensor& scores_in, const std::optional<Tens
   return out;
 }
 
-// mask: unused here (the CUDA kernel reads each row up to its lengths / causal extent).
+// mask: only asserted (the CUDA kernel reads each row up to its extent from lengths / causal).
 Tensor masked_softmax_bwd_cuda(const Tensor& grad_in, const Tensor& out_in,
-                               const std::optional<Tensor>& /*mask*/,
+                               const std::optional<Tensor>& mask,
                                const std::optional<Tensor>& lengths_in,
                                const std::optional<Tensor>& query_lengths_in, int64_t causal,
                                double scale) {
-  check_scores(out_in, "out");
-  TORCH_CHECK(grad_in.device() == out_in.device() && grad_in.sizes() == out_in.sizes() &&
-                  grad_in.scalar_type() == out_in.scalar_type(),
-              "masked_softmax (CUDA): grad must match out (", out_in.sizes(), ", ",
-              out_in.scalar_type(), ", ", out_in.device(), "), got ", grad_in.sizes(), ", ",
-              grad_in.scalar_type(), ", ", grad_in.device());
-  TORCH_CHECK(causal >= 0 && causal <= 2, "masked_softmax (CUDA): causal must be 0, 1 or 2, got ",
-              causal);
+  checks::masked_softmax_bwd(grad_in, out_in, mask, lengths_in, query_lengths_in, causal);
   const c10::cuda::CUDAGuard guard(out_in.device());
   const Tensor grad = grad_in.contiguous();
   const Tensor out = out_in.contiguous();
-  const auto lengths = checked_lengths(lengths_in, out, "lengths");
-  const auto query_lengths = checked_lengths(query_lengths_in, out, "query_lengths");
+  const auto lengths = contiguous(lengths_in), query_lengths = contiguous(query_lengths_in);
   Tensor dx = at::empty_like(out, at::MemoryFormat::Contiguous);
   if (dx.numel() == 0) return dx;
   const RowKeys keys = row_keys(out, lengths, query_lengths, causal);

@@ -34,6 +34,7 @@
 #include <limits>
 #include <optional>
 
+#include "checks.h"
 #include "common.cuh"
 
 namespace maskkern {
@@ -129,15 +130,7 @@ __global__ void pad_embedding_fwd_kernel(const FwdParams<T, index_t> p) {
 
 Tensor pad_embedding_fwd_cuda(const Tensor& ids_in, const Tensor& weight, int64_t pad,
                               bool zero_pad, double scale) {
-  TORCH_CHECK(ids_in.is_cuda() && weight.is_cuda() && ids_in.device() == weight.device(),
-              "pad_embedding (CUDA): ids and weight must be on the same CUDA device");
-  TORCH_CHECK(ids_in.dim() == 1, "pad_embedding (CUDA): ids must be 1-D, got ", ids_in.sizes());
-  TORCH_CHECK(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong,
-              "pad_embedding (CUDA): ids must be int32 or int64, got ", ids_in.scalar_type());
-  TORCH_CHECK(weight.dim() == 2, "pad_embedding (CUDA): weight must be (V, D), got ",
-              weight.sizes());
-  TORCH_CHECK(weight.stride(1) == 1 || weight.size(1) <= 1,
-              "pad_embedding (CUDA): weight must have unit column stride, got ", weight.strides());
+  checks::pad_embedding_fwd(ids_in, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
   const Tensor ids = ids_in.contiguous();
   const int64_t N = ids.size(0), V = weight.size(0), D = weight.size(1);
@@ -231,16 +224,7 @@ __global__ void pad_embedding_bwd_kernel(const BwdParams<T> p) {
 
 Tensor pad_embedding_bwd_cuda(const Tensor& grad_in, const Tensor& ids_in, int64_t num_weights,
                               int64_t pad, bool scale_grad_by_freq, double scale) {
-  TORCH_CHECK(grad_in.is_cuda() && ids_in.is_cuda() && grad_in.device() == ids_in.device(),
-              "pad_embedding (CUDA): grad and ids must be on the same CUDA device");
-  TORCH_CHECK(ids_in.dim() == 1, "pad_embedding (CUDA): ids must be 1-D, got ", ids_in.sizes());
-  TORCH_CHECK(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong,
-              "pad_embedding (CUDA): ids must be int32 or int64, got ", ids_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == ids_in.size(0),
-              "pad_embedding (CUDA): grad must be (N, D) with N = ", ids_in.size(0), ", got ",
-              grad_in.sizes());
-  TORCH_CHECK(num_weights >= 0, "pad_embedding (CUDA): num_weights must be >= 0, got ",
-              num_weights);
+  checks::pad_embedding_bwd(grad_in, ids_in, num_weights);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const Tensor grad = grad_in.contiguous();
   const int64_t D = grad.size(1);

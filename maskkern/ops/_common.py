@@ -1,5 +1,12 @@
-"""Argument checks shared by the ops: each raises before any kernel runs, naming the argument,
-what was expected and what was given (DESIGN.md, Errors)."""
+"""Argument checks shared by the ops, and the few helpers every op module needs.
+
+The rule (docs/design.md, Errors): every user-facing check lives in the public Python function
+(or, when it reads tensor values, in its custom op, through a checker here), raising
+ValueError/TypeError/IndexError that names the argument, the expected and the actual before any
+kernel runs. The kernels (C++, CUDA, Triton) only assert their internal contract (csrc/checks.h),
+and read nothing out of bounds when an opt-out flag (check_lengths, check_ids) skipped a check: so
+the flags do the same on every backend.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,11 @@ import math
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INDEX_DTYPES = (torch.int32, torch.int64)
+from .._dtypes import FLOAT_DTYPES, INDEX_DTYPES, compute_dtype
+
+__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "compute_dtype"]  # re-exported for the op modules
+
+REDUCTIONS = ("none", "mean", "sum")
 
 
 def check_tensor(x: object, name: str) -> Tensor:
@@ -52,11 +62,66 @@ def check_finite_number(x: object, name: str) -> float:
     return float(x)
 
 
+def check_int(x: object, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return x
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_label_smoothing(value: object) -> float:
+    value = check_finite_number(value, "label_smoothing")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value}")
+    return value
+
+
+def check_z_loss(value: object) -> float:
+    value = check_finite_number(value, "z_loss")
+    if value < 0:
+        raise ValueError(f"z_loss must be >= 0, got {value}")
+    return value
+
+
+# --- checks that read tensor values: called inside the custom ops, where a data-dependent check
+# does not break a torch.compile graph (on CUDA each synchronises with the host) ----------------
+
+
 def check_nonnegative_values(x: Tensor | None, name: str) -> None:
-    """Reads the values: call inside the custom op, where a data-dependent check does not break
-    a torch.compile graph (on CUDA it synchronises)."""
-    if x is not None and x.numel() and bool((x < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got min {int(x.min())}")
+    if x is None or not x.numel():
+        return
+    low = int(x.min())  # one reduction and one read: on a CPU tensor a few microseconds
+    if low < 0:
+        raise ValueError(f"{name} must be >= 0, got min {low}")
+
+
+def check_class_targets(target: Tensor, counted: Tensor, n_classes: int, ignore_index: int) -> None:
+    """IndexError for a counted target (``counted`` (N,) bool) outside [0, n_classes)."""
+    bad = counted & ((target < 0) | (target >= n_classes))
+    if target.numel() and bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"target must be in [0, {n_classes}) or ignore_index ({ignore_index}), got {value}")
+
+
+def check_ids_in_range(ids: Tensor, num_embeddings: int) -> None:
+    """IndexError naming the first id outside [0, num_embeddings)."""
+    if ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= num_embeddings)
+    if bool(bad.any()):
+        first = int(ids.reshape(-1)[bad.reshape(-1).nonzero()[0, 0]])
+        raise IndexError(
+            f"input contains id {first}, out of range for weight with {num_embeddings} rows "
+            f"(ids must be in [0, {num_embeddings}))"
+        )
+
+
+# --- shared by the ops' kernels and autograd ---------------------------------------------------
 
 
 def empty_output(
@@ -67,3 +132,18 @@ def empty_output(
     if backend == "cpu":
         return torch.ops.maskkern.empty_for_writing(list(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph / create_graph, gradcheck): then
+    a buffer saved for backward must stay as it is, and may not be scaled in place. torch has no
+    public query for this; where the private probe is missing, the graph counts as kept (out of
+    place, always correct)."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return probe is None or probe()
+
+
+def is_traced(grad: Tensor) -> bool:
+    """Whether backward runs under torch.compile (or another tracer): then nothing saved may be
+    mutated, and the out-of-place backward op is the one to record."""
+    return torch.compiler.is_compiling() or type(grad) is not Tensor

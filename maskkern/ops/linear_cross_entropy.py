@@ -19,17 +19,21 @@ import torch
 from torch import Tensor, nn
 
 from .._backend import resolve_backend
-from ._common import FLOAT_DTYPES, check_dtype, check_index_dtype, check_same_device, check_tensor
-from .masked_cross_entropy import (
+from ._common import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_index_dtype,
+    check_int,
     check_label_smoothing,
     check_reduction,
+    check_same_device,
+    check_tensor,
     check_z_loss,
     compute_dtype,
-    counted_rows,
     graph_is_kept,
-    reduce_rows,
-    row_kernel,
+    is_traced,
 )
+from .masked_cross_entropy import counted_rows, reduce_rows, row_kernel
 
 # Logits bytes per chunk: a few tens of MB stay in the CPU's last-level cache and cost little page
 # faulting; on a GPU larger chunks feed the matmuls better (at least the size of hidden, like
@@ -94,8 +98,7 @@ def linear_cross_entropy(
             f"target must have shape {tuple(hidden.shape[:-1])} = hidden.shape[:-1], "
             f"got {tuple(target.shape)}"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int(ignore_index, "ignore_index")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -327,8 +330,7 @@ def _backward(ctx, grad_loss, *_unused_grads):
         )
     else:
         grads = ctx.saved_tensors
-        traced = torch.compiler.is_compiling() or type(grad_loss) is not Tensor
-        if traced or graph_is_kept():
+        if is_traced(grad_loss) or graph_is_kept():
             grads = [g * grad_loss for g in grads]
         elif not (grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
             # The graph is freed after this: the saved gradients are ours to scale in place.

@@ -1,9 +1,10 @@
 """masked_cross_entropy: ``F.cross_entropy`` with class-index targets, plus a ``mask`` and z-loss,
 computing the loss and the logits gradient in one pass over each row.
 
-Layers, top to bottom: the public function (argument checks), the opaque custom op
-``maskkern::masked_cross_entropy`` (layout to rows, target range check, backend dispatch,
-reduction; fake; autograd) and the per-backend row kernels, which all see the same arguments:
+Layers, top to bottom, as for every op: the public function (argument checks), the opaque custom
+op ``maskkern::masked_cross_entropy`` (layout to rows, target range check, backend dispatch,
+reduction; fake; autograd), its backward ops, and the per-backend kernels, which all see the same
+arguments:
 
     fwd(logits (N, C) with class stride 1, target int64 (N,), valid bool (N,),
         weight None | (C,) compute dtype, label_smoothing, z_loss, grad_scale None | (2,),
@@ -16,18 +17,27 @@ reduced loss is ready — and zeros on rows that do not count, which are never r
 and its denominators are torch ops on (N,)-sized tensors: no host synchronisation except the
 target range check.
 
+    scale_(grad (N, C) contiguous, valid (N,), factors (1,) | (N,) compute dtype) -> None:
+        grad[i] *= factors[i] on the rows that count and whose factor is not 1, in place
+
 Memory: forward allocates one logits-sized buffer, the gradient — or, when the logits had to be
 copied to rows (class dim not last, or strided), computes the gradient in place in that copy.
-Backward multiplies that saved buffer in place by the incoming gradient (per row under "none") and
-hands it on, since the graph is freed after it: fwd+bwd hold one logits-sized buffer beyond the
-input. Rows that do not count keep their zero gradient whatever the incoming gradient holds there
-(0 · inf would be NaN; eager gives 0); the kernels (``masked_cross_entropy_scale_`` of the cpu,
-cuda and triton backends) do not even touch them, nor rows whose factor is 1 (loss.backward() of
-a mean or sum: then the backward reads N factors, not the buffer). When the graph is kept (retain_graph,
-gradcheck) or traced (torch.compile), ``maskkern::masked_cross_entropy_backward`` — a torch
-broadcast multiply, no kernel needed — multiplies out of place instead, so that another backward
-sees the buffer unchanged. The loss is not twice differentiable. On the ``cpu`` backend the buffer
-comes from the C++ output cache (csrc/cpu/output_memory.h), already faulted in.
+The backward has two custom ops, one decision between them made by the autograd formula:
+
+- ``maskkern::masked_cross_entropy_backward_`` scales that saved buffer in place by the incoming
+  gradient (per row under "none") with the backend's ``scale_`` kernel, and the formula hands the
+  buffer on: fwd+bwd hold one logits-sized buffer beyond the input. Used when the graph is freed
+  after this backward (the buffer is no one else's). Rows that do not count keep their zero
+  gradient whatever the incoming gradient holds there (0 · inf would be NaN; eager gives 0); the
+  kernels do not even touch them, nor rows whose factor is 1 (loss.backward() of a mean or sum:
+  then the backward reads N factors, not the buffer).
+- ``maskkern::masked_cross_entropy_backward`` multiplies out of place (a torch broadcast multiply on
+  every backend: one pass, no kernel to write), so that another backward sees the buffer unchanged:
+  when the graph is kept (retain_graph, gradcheck) or traced (torch.compile, whose graphs may not
+  mutate a saved tensor).
+
+The loss is not twice differentiable. On the ``cpu`` backend the buffer comes from the C++ output
+cache (csrc/cpu/output_memory.h), already faulted in.
 """
 
 from __future__ import annotations
@@ -39,15 +49,20 @@ from .. import reference
 from .._backend import native_extension_loaded, resolve_backend
 from ._common import (
     FLOAT_DTYPES,
+    check_class_targets,
     check_dtype,
-    check_finite_number,
     check_index_dtype,
+    check_int,
+    check_label_smoothing,
+    check_reduction,
     check_same_device,
     check_tensor,
+    check_z_loss,
+    compute_dtype,
     empty_output,
+    graph_is_kept,
+    is_traced,
 )
-
-REDUCTIONS = ("none", "mean", "sum")
 
 
 def masked_cross_entropy(
@@ -120,8 +135,7 @@ def masked_cross_entropy(
         check_same_device(mask, "mask", input, "input")
         if mask.shape != target.shape:
             raise ValueError(f"mask must have target's shape {tuple(target.shape)}, got {tuple(mask.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int(ignore_index, "ignore_index")
     check_reduction(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
     z_loss = check_z_loss(z_loss)
@@ -141,29 +155,6 @@ def _target_shape(input: Tensor) -> tuple[int, ...]:
     return (input.shape[0], *input.shape[2:])
 
 
-def check_reduction(reduction: object) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def check_label_smoothing(value: object) -> float:
-    value = check_finite_number(value, "label_smoothing")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {value}")
-    return value
-
-
-def check_z_loss(value: object) -> float:
-    value = check_finite_number(value, "z_loss")
-    if value < 0:
-        raise ValueError(f"z_loss must be >= 0, got {value}")
-    return value
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --- per-backend kernels ------------------------------------------------------------------------
 
 
@@ -178,14 +169,19 @@ def row_kernel(backend: str):
     return reference.masked_cross_entropy_rows
 
 
+def _torch_scale_(grad: Tensor, valid: Tensor, factors: Tensor) -> None:
+    grad.mul_(torch.where(valid, factors, 1).reshape(-1, 1))  # x 1: the other rows stay as they are
+
+
 def scale_kernel(backend: str):
-    """The in-place backward scale of a native ``backend`` (cpu, cuda or triton): ``(grad, valid,
-    factors)`` scales the rows of grad that count by their factor, skipping factors of 1."""
+    """The in-place backward scale of ``backend`` (see the module docstring for its contract)."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.maskkern.masked_cross_entropy_scale_
     if backend == "triton":
         from ..triton_kernels import masked_cross_entropy as tk
 
         return tk.masked_cross_entropy_scale_
-    return torch.ops.maskkern.masked_cross_entropy_scale_
+    return _torch_scale_
 
 
 def valid_rows(target: Tensor, ignore_index: int, mask: Tensor | None) -> Tensor:
@@ -200,10 +196,7 @@ def counted_rows(target: Tensor, n_classes: int, ignore_index: int, mask: Tensor
     """valid (N,) bool for int64 (N,) targets; raises IndexError for a counted target outside
     [0, C). Reads the values: call it inside a custom op (on CUDA it synchronises)."""
     valid = valid_rows(target, ignore_index, mask)
-    bad = valid & ((target < 0) | (target >= n_classes))
-    if target.numel() and bool(bad.any()):
-        value = int(target[bad][0])
-        raise IndexError(f"target must be in [0, {n_classes}) or ignore_index ({ignore_index}), got {value}")
+    check_class_targets(target, valid, n_classes, ignore_index)
     return valid
 
 
@@ -314,6 +307,24 @@ def _(grad_rows, grad_loss, valid):
     return torch.empty_like(grad_rows)
 
 
+@torch.library.custom_op("maskkern::masked_cross_entropy_backward_", mutates_args=("grad_rows",))
+def _masked_cross_entropy_backward_inplace_op(
+    grad_rows: Tensor, grad_loss: Tensor, valid: Tensor, backend: str
+) -> None:
+    """grad_rows (N, C) contiguous *= grad_loss (a scalar or (N,)) on the rows where valid (N,)
+    holds, in place, by the backend's scale_ kernel: the rows that do not count (zeros) are not
+    touched whatever their factor, nor the rows whose factor is 1."""
+    if grad_rows.numel() == 0:
+        return
+    factors = grad_loss.reshape(-1).to(compute_dtype(grad_rows.dtype))
+    scale_kernel(backend)(grad_rows, valid, factors)
+
+
+@_masked_cross_entropy_backward_inplace_op.register_fake
+def _(grad_rows, grad_loss, valid, backend):
+    return None
+
+
 def row_factors(grad_loss: Tensor, valid: Tensor) -> Tensor:
     """(N, 1): the incoming gradient of each row, 0 on rows that do not count (their gradient
     rows are zeros, and 0 · inf would be NaN)."""
@@ -330,13 +341,6 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index, ctx.backend = ignore_index, backend
 
 
-def graph_is_kept() -> bool:
-    """Whether the running backward keeps the graph (retain_graph / create_graph, gradcheck):
-    then the saved buffer must stay as it is. Unknown counts as kept."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return probe is None or probe()
-
-
 def _backward(ctx, grad_loss, _grad_rows):
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None,) * 10
@@ -346,18 +350,11 @@ def _backward(ctx, grad_loss, _grad_rows):
         )
     grad, target, mask = ctx.saved_tensors
     valid = valid_rows(target, ctx.ignore_index, mask)
-    traced = torch.compiler.is_compiling() or type(grad_loss) is not Tensor
-    if traced or graph_is_kept():
+    if is_traced(grad_loss) or graph_is_kept():
         dx = torch.ops.maskkern.masked_cross_entropy_backward(grad, grad_loss, valid)
         return (from_rows(dx, ctx.input_shape), *(None,) * 9)
-    # The graph is freed after this: the buffer is ours to scale in place and hand on. The kernels
-    # touch only the rows that count and whose factor is not 1: with loss.backward() of a mean,
-    # none (grad.mul_ would read and write the whole buffer once more).
-    if ctx.backend == "torch":
-        grad.mul_(row_factors(grad_loss, valid))
-    else:
-        factors = grad_loss.reshape(-1).to(compute_dtype(grad.dtype))
-        scale_kernel(ctx.backend)(grad, valid, factors)
+    # The graph is freed after this: the buffer is ours to scale in place and hand on.
+    torch.ops.maskkern.masked_cross_entropy_backward_(grad, grad_loss, valid, ctx.backend)
     return (from_rows(grad, ctx.input_shape), *(None,) * 9)
 
 

@@ -60,8 +60,8 @@ def masked_softmax(
         scale: multiplies the scores before the mask is added.
         check_lengths: raise ValueError on a negative value in ``lengths``/``query_lengths``. On
             CUDA that check synchronises with the host (as eager's ``.item()`` would); False skips
-            it, and then a negative length masks its whole row (nothing is read out of bounds).
-            The cpu backend checks as it reads, at no cost, whatever this says.
+            it, and then a negative length masks its whole row (zeros, zero gradient; nothing is
+            read out of bounds), on every backend alike.
         backend: "triton", "cuda", "cpu", "torch" or None (the default for scores' device).
 
     Returns:
@@ -167,7 +167,7 @@ def _masked_softmax_op(
     check_lengths: bool,
     backend: str,
 ) -> Tensor:
-    if check_lengths and backend != "cpu":  # the cpu kernels check the values as they read them
+    if check_lengths:
         check_nonnegative_values(lengths, "lengths")
         check_nonnegative_values(query_lengths, "query_lengths")
     if scores.numel() == 0:

@@ -27,6 +27,7 @@ from ._common import (
     INDEX_DTYPES,
     check_dtype,
     check_finite_number,
+    check_ids_in_range,
     check_same_device,
     check_tensor,
 )
@@ -58,8 +59,7 @@ def pad_embedding(
         scale_grad_by_freq: scale each row's gradient by 1 / (its id's count in ``input``).
         check_ids: check that every id is in [0, V) and raise IndexError otherwise. On CUDA the check
             synchronises with the host; ``False`` skips it, and an out-of-range id then gives a zero
-            output row and no gradient (never an out-of-bounds access). The torch backend always
-            checks.
+            output row and no gradient (never an out-of-bounds access), on every backend alike.
         backend: "triton", "cuda", "cpu", "torch" or None (the default for weight's device).
 
     Returns:
@@ -98,30 +98,28 @@ def _normalise_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
     return padding_idx % num_embeddings
 
 
-def _check_id_range(ids: Tensor, num_embeddings: int) -> None:
-    """Reads the ids: runs inside the custom op, where it does not break a torch.compile graph."""
-    if ids.numel() == 0:
-        return
-    bad = (ids < 0) | (ids >= num_embeddings)
-    if bool(bad.any()):
-        first = int(ids.reshape(-1)[bad.reshape(-1).nonzero()[0, 0]])
-        raise IndexError(
-            f"input contains id {first}, out of range for weight with {num_embeddings} rows "
-            f"(ids must be in [0, {num_embeddings}))"
-        )
-
-
 # --- per-backend kernels ------------------------------------------------------------------------
 
 
+# The reference (F.embedding) fails on an id outside [0, V): the torch kernels give such an id what
+# the native ones do (a zero row, no gradient), for the check_ids=False that skipped the check.
+
+
 def _torch_fwd(ids, weight, pad, zero_pad, scale):
-    return reference.pad_embedding(
-        ids, weight, None if pad < 0 else pad, zero_pad=zero_pad, scale=None if scale == 1.0 else scale
-    )
+    num_weights = weight.shape[0]
+    ok = (ids >= 0) & (ids < num_weights)
+    out = reference.pad_embedding(
+        ids.where(ok, 0), weight, None if pad < 0 else pad, zero_pad=zero_pad,
+        scale=None if scale == 1.0 else scale,
+    )  # fmt: skip
+    return out.masked_fill(~ok[:, None], 0)
 
 
 def _torch_bwd(grad, ids, num_weights, pad, scale_grad_by_freq, scale):
-    return reference.pad_embedding_backward(grad, ids, num_weights, pad, scale, scale_grad_by_freq)
+    # Out-of-range ids go to one extra row, dropped: no other row's gradient (or count) changes.
+    spare = ids.where((ids >= 0) & (ids < num_weights), num_weights)
+    gw = reference.pad_embedding_backward(grad, spare, num_weights + 1, pad, scale, scale_grad_by_freq)
+    return gw[:num_weights]
 
 
 def _kernels(backend: str):
@@ -154,9 +152,8 @@ def _pad_embedding_op(
     backend: str,
 ) -> Tensor:
     num_embeddings, dim = weight.shape
-    # The torch backend's F.embedding would fail on a bad id anyway (a device assert on CUDA).
-    if check_ids or backend == "torch":
-        _check_id_range(input, num_embeddings)
+    if check_ids:
+        check_ids_in_range(input, num_embeddings)
     if input.numel() == 0 or dim == 0:
         return weight.new_empty((*input.shape, dim))
     fwd = _kernels(backend)[0]
