@@ -4,7 +4,9 @@ GPU Liger-Kernel's fused linear cross-entropy when importable): time and peak me
 
 Sweep: the number of tokens N at H=1024, V=32000, 25% of the targets ignored; fp32 on CPU, bf16 on
 GPU. The headline is N=8192. The time is matmul-bound (3 N·H·V matmuls on every side); the memory
-is the point: maskkern holds one logits chunk instead of the logits.
+is the point: maskkern holds one logits chunk instead of the logits. Plus, at the headline N, a case
+with 50% ignored (spread across the batch) timed against maskkern at 0% ignored in the same rounds:
+maskkern computes only the counted rows, so ignoring pays.
 
 Bytes model (GB/s): hidden, weight and target read, the logits never materialised; fwd+bwd also
 writes grad_hidden and grad_weight.
@@ -18,7 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _harness import Case, CaseResult, Context, Target, main
+from _harness import AT_ZERO, Case, CaseResult, Context, Target, at_zero, main, pays
 from torch import Tensor
 
 import maskkern as mk
@@ -54,16 +56,31 @@ def name(n: int, dtype: torch.dtype) -> str:
     return f"N={n} H={H} V={V} {str(dtype).removeprefix('torch.')}"
 
 
-def case(ctx: Context, n: int, dtype: torch.dtype) -> Case:
+def pays_name(n: int, dtype: torch.dtype) -> str:
+    return f"{name(n, dtype)} ignored=50%"
+
+
+def _inputs(ctx: Context, n: int, dtype: torch.dtype, ignored: float):
     def inputs() -> dict:
         hidden = torch.randn(n, H, dtype=dtype, device=ctx.device)
         weight = (torch.randn(V, H, device=ctx.device) / H**0.5).to(dtype)
         target = torch.randint(0, V, (n,), device=ctx.device)
-        target[torch.randperm(n, device=ctx.device)[: n // 4]] = -100
+        target[torch.randperm(n, device=ctx.device)[: round(n * ignored)]] = -100
         return {"hidden": hidden, "weight": weight, "target": target}
 
-    es = dtype.itemsize
-    fwd = (n * H + V * H) * es + 8 * n
+    return inputs
+
+
+def _bytes(n: int, dtype: torch.dtype) -> dict[str, int]:
+    fwd = (n * H + V * H) * dtype.itemsize + 8 * n
+    return {"fwd": fwd, "fwd+bwd": 2 * fwd}
+
+
+def _reference(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    return reference.linear_cross_entropy(hidden, weight, target)
+
+
+def case(ctx: Context, n: int, dtype: torch.dtype) -> Case:
     # The large buffers here are matmul outputs, not maskkern's: no maskkern-nocache column.
     if ctx.on_gpu or n <= 2048:
         providers = ctx.providers(_maskkern, _eager, nocache=False, liger=_liger(ctx))
@@ -75,15 +92,38 @@ def case(ctx: Context, n: int, dtype: torch.dtype) -> Case:
         x_name="N",
         x=n,
         config=dict(N=n, H=H, V=V, dtype=str(dtype).removeprefix("torch."), ignored=0.25),
-        inputs=inputs,
+        inputs=_inputs(ctx, n, dtype, 0.25),
         providers=providers,
-        reference=lambda hidden, weight, target: reference.linear_cross_entropy(hidden, weight, target),
+        reference=_reference,
         grad_inputs=("hidden", "weight"),
         modes=("fwd+bwd",) if n > 2048 and not ctx.on_gpu else ("fwd", "fwd+bwd"),
-        bytes={"fwd": fwd, "fwd+bwd": 2 * fwd},
+        bytes=_bytes(n, dtype),
         plot=f"tokens {str(dtype).removeprefix('torch.')}",
         # The matmul accumulates over H = 1024 in a different order on each side.
         tol=(1e-4, 1e-5) if dtype == torch.float32 else None,
+    )
+
+
+def pays_case(ctx: Context, n: int, dtype: torch.dtype) -> Case:
+    """50% of the targets ignored (a random half), with maskkern at 0% ignored (every target
+    counted) as a baseline timed in the same rounds: the work shrinks with the ignored rows."""
+    full = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(1)).to(ctx.device)
+    ours = _maskkern(ctx.maskkern_backends(nocache=False)[0][1])
+    providers = {"maskkern": ours, "eager": _eager, AT_ZERO: at_zero(ctx, _maskkern, target=full)}
+    return Case(
+        name=pays_name(n, dtype),
+        x_name="ignored",
+        x=0.5,
+        config=dict(N=n, H=H, V=V, dtype=str(dtype).removeprefix("torch."), ignored=0.5),
+        inputs=_inputs(ctx, n, dtype, 0.5),
+        providers=providers,
+        reference=_reference,
+        grad_inputs=("hidden", "weight"),
+        modes=("fwd+bwd",),
+        bytes=_bytes(n, dtype),
+        plot=f"ignored {str(dtype).removeprefix('torch.')}",
+        tol=(1e-4, 1e-5) if dtype == torch.float32 else None,
+        baselines=(AT_ZERO,),
     )
 
 
@@ -100,12 +140,16 @@ def _tokens(ctx: Context) -> list[int]:
 
 
 def cases(ctx: Context) -> list[Case]:
-    return [case(ctx, n, dtype) for dtype in _dtypes(ctx) for n in _tokens(ctx)]
+    out = [case(ctx, n, dtype) for dtype in _dtypes(ctx) for n in _tokens(ctx)]
+    if not ctx.quick:  # the headline N: seconds per call on CPU
+        out += [pays_case(ctx, HEADLINE_N, dtype) for dtype in _dtypes(ctx)]
+    return out
 
 
 def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
     """At the largest N run: peak memory <= 0.25 × eager's and time <= 1.2 × eager's (CPU), or no
-    more memory than Liger and at least its speed (GPU)."""
+    more memory than Liger and at least its speed (GPU); and ignoring pays: fwd+bwd at the headline
+    N with 50% ignored <= 0.6 × maskkern's time at 0% ignored."""
     out = []
     n = _tokens(ctx)[-1]
     for dtype in _dtypes(ctx):
@@ -122,6 +166,16 @@ def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
             Target(f"{label}: peak memory / {peer}'s", mem or None, 1.0 if ctx.on_gpu else 0.25, "<=", "")
         )
         out.append(Target(f"{label}: time / {peer}'s", time, 1.0 if ctx.on_gpu else 1.2, "<=", ""))
+        out.append(
+            Target(
+                f"linear_cross_entropy ignoring pays: fwd+bwd time at 50% / 0% ignored "
+                f"{name(HEADLINE_N, dtype)}",
+                pays(results.get(pays_name(HEADLINE_N, dtype))),
+                0.6,
+                "<=",
+                "",
+            )
+        )
     return out
 
 

@@ -3,6 +3,8 @@ F.cross_entropy(F.linear(hidden, weight, bias), target) computed in fp64, gradie
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,3 +224,106 @@ def test_bad_inputs(change, exc, match):
     h, w, t = args.pop("hidden"), args.pop("weight"), args.pop("target")
     with pytest.raises(exc, match=match):
         mk.linear_cross_entropy(h, w, t, **args)
+
+
+def _ignore_rows(target: torch.Tensor, pattern: str) -> torch.Tensor:
+    """Set the targets of ``pattern`` ("none", "spread", "contiguous" or "all") to -100: 0%, 50%
+    spread across the batch (a random half), 50% as one block at the end, or 100%."""
+    flat = target.view(-1)
+    n = flat.numel()
+    if pattern == "spread":
+        gen = torch.Generator().manual_seed(0)
+        flat[torch.randperm(n, generator=gen)[: n // 2].to(flat.device)] = -100
+    elif pattern == "contiguous":
+        flat[n - n // 2 :] = -100
+    elif pattern == "all":
+        flat.fill_(-100)
+    return target
+
+
+@pytest.mark.parametrize("pattern", ["none", "spread", "contiguous", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ignored_fractions_match_reference(backend, device, reduction, pattern):
+    # Only the counted rows are computed: 0%, 50% (spread, contiguous) and 100% ignored, with and
+    # without bias, smoothing and z-loss, chunk sizes that split the counted rows unevenly.
+    for dtype in (torch.float64, torch.float32):
+        for bias, smoothing, z in ((True, 0.0, 0.0), (False, 0.1, 0.0), (True, 0.2, 0.01)):
+            for chunk_size in (None, 3) if backend != "triton" else (3,):
+                hidden, weight, b, target = _inputs(dtype, device, bias, ignore="none", shape=(3, 8))
+                _ignore_rows(target, pattern)
+                _check(
+                    backend, dtype, hidden, weight, b, target, reduction=reduction,
+                    label_smoothing=smoothing, z_loss=z, chunk_size=chunk_size,
+                )  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("pattern", ["spread", "contiguous", "all"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ignored_rows_get_exact_zero_gradient(backend, device, pattern, reduction):
+    hidden, weight, b, target = _inputs(torch.float32, device, ignore="none", shape=(4, 6))
+    _ignore_rows(target, pattern)
+    out = mk.linear_cross_entropy(
+        hidden, weight, target, b, reduction=reduction, label_smoothing=0.1, z_loss=0.01, chunk_size=5,
+        backend=backend,
+    )  # fmt: skip
+    # A large incoming gradient everywhere, the ignored positions of "none" included.
+    g = torch.full_like(out, 1e30)
+    gh, gw, gb = torch.autograd.grad(out, (hidden, weight, b), g)
+    ignored = target == -100
+    assert torch.equal(gh[ignored], torch.zeros_like(gh[ignored]))
+    if reduction == "none":
+        assert torch.equal(out[ignored], torch.zeros_like(out[ignored]))
+    if pattern == "all":
+        assert out.isnan().all() if reduction == "mean" else torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
+    else:
+        assert gh[~ignored].abs().sum() > 0 and gw.isfinite().all()
+
+
+@pytest.mark.parametrize("pattern", ["spread", "all"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_fullgraph_with_ignored_rows(backend, device, pattern):
+    def f(hidden, weight, target, bias):
+        return mk.linear_cross_entropy(
+            hidden, weight, target, bias, z_loss=0.01, chunk_size=3, backend=backend
+        )
+
+    hidden, weight, b, target = _inputs(torch.float32, device, ignore="none")
+    _ignore_rows(target, pattern)
+    if pattern == "all":  # the mean over no rows is NaN: compare a sum instead
+        f_sum = lambda h, w, t, bb: mk.linear_cross_entropy(h, w, t, bb, reduction="sum", backend=backend)
+        assert_compiles_fullgraph(f_sum, (hidden, weight, target, b), [0, 1, 3], device)
+    else:
+        assert_compiles_fullgraph(f, (hidden, weight, target, b), [0, 1, 3], device)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_only_counted_rows_are_computed(backend, device, reduction, monkeypatch):
+    # The row kernel (and so the matmuls, whose logits it receives) sees the counted rows only.
+    lce = importlib.import_module("maskkern.ops.linear_cross_entropy")  # the name is the function's
+    seen = []
+    real = lce.row_kernel
+
+    def spy(name):
+        kernel = real(name)
+
+        def wrapped(logits, target, valid, *args):
+            seen.append((logits.shape[0], bool((target != -100).all()), bool(valid.all())))
+            return kernel(logits, target, valid, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(lce, "row_kernel", spy)
+    hidden, weight, b, target = _inputs(torch.float32, device, ignore="none", shape=(4, 6))
+    _ignore_rows(target, "spread")
+    out = mk.linear_cross_entropy(
+        hidden, weight, target, b, reduction=reduction, chunk_size=5, backend=backend
+    )
+    out.sum().backward()
+    passes = 2 if reduction == "none" else 1  # "none" recomputes the chunks in backward
+    assert sum(rows for rows, _, _ in seen) == passes * 12
+    assert all(counted and valid for _, counted, valid in seen)
+    assert max(rows for rows, _, _ in seen) == 5

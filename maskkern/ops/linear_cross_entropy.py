@@ -1,16 +1,19 @@
 """linear_cross_entropy: ``masked_cross_entropy(hidden @ weight.T + bias, target)`` without ever
 holding the (N, V) logits.
 
-Tokens are processed in chunks: a chunk's logits come from a torch matmul, the backend's
+Only the counted tokens (target != ignore_index) are computed, so the work is proportional to
+them: they are gathered in chunks, a chunk's logits come from a torch matmul, the backend's
 masked_cross_entropy row kernel turns them into the loss and — in place, the chunk buffer is ours —
-into their gradient, and torch matmuls fold that into grad_hidden, grad_weight and grad_bias. With
-"sum" and "mean" the gradients are computed during the forward pass (for a unit incoming gradient)
-and backward only scales them; with "none" the per-token incoming gradient is only known in
-backward, which recomputes the chunks (``maskkern::linear_cross_entropy_backward``). The matmuls
-are torch's, so every backend works wherever its row kernel does.
+into their gradient, and torch matmuls fold that into grad_hidden (scattered back to the chunk's
+rows; ignored rows get exact zeros), grad_weight and grad_bias. With "sum" and "mean" the gradients
+are computed during the forward pass (for a unit incoming gradient) and backward only scales them;
+with "none" the per-token incoming gradient is only known in backward, which recomputes the chunks
+(``maskkern::linear_cross_entropy_backward``). The matmuls are torch's, so every backend works
+wherever its row kernel does.
 
 Memory beyond the inputs and the gradients: one logits chunk (``chunk_size`` rows, by default about
-32 MiB on CPU), plus an fp32 grad_weight accumulator for half inputs.
+32 MiB on CPU), plus an fp32 grad_weight accumulator for half inputs (and, when some tokens are
+ignored, the chunk's gathered hidden rows and their gradient, chunk × H each).
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def linear_cross_entropy(
         target: int64 or int32 class indices of shape hidden.shape[:-1].
         bias: optional (V,), hidden's dtype.
         ignore_index, reduction, label_smoothing, z_loss: as in ``masked_cross_entropy``.
-        chunk_size: tokens per chunk; None picks one from N, V and H (about 32 MiB of logits on CPU).
+        chunk_size: counted tokens per chunk; None picks one from their number, V and H (about
+            32 MiB of logits on CPU).
         backend: the row kernel's backend ("triton", "cuda", "cpu", "torch" or None).
 
     Returns:
@@ -143,9 +147,10 @@ def _chunked(
     backend: str,
     row_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The chunk loop, (N, H) hidden: (loss, grad_hidden, grad_weight, grad_bias), each gradient
-    empty when not needed. With ``row_scale`` (N,) (the "none" backward) each token's logits
-    gradient is multiplied by it; else gradients are for a unit incoming gradient of the loss."""
+    """The chunk loop over the counted rows of (N, H) hidden: (loss, grad_hidden, grad_weight,
+    grad_bias), each gradient empty when not needed. With ``row_scale`` (N,) (the "none" backward)
+    each token's logits gradient is multiplied by it; else gradients are for a unit incoming
+    gradient of the loss."""
     n, vocab = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     t = target.reshape(-1).long()
@@ -156,29 +161,49 @@ def _chunked(
         count = valid.sum().to(cdt)
         denominators = torch.stack([count, count])
         grad_scale = 1.0 / denominators
-    chunk = chunk_size or auto_chunk_size(n, vocab, hidden.shape[1], hidden.dtype, hidden.device)
+    # Only the counted rows are computed: they are compacted (gathered) chunk by chunk, so the work
+    # shrinks with the ignored targets wherever they are. On CUDA nonzero() synchronises the host
+    # once per call (as the target range check in counted_rows already does).
+    rows = valid.nonzero().squeeze(1)
+    m = rows.numel()
+    if m == n:
+        rows = None  # every row counts: plain slices, no gathers
+    chunk = chunk_size or auto_chunk_size(m, vocab, hidden.shape[1], hidden.dtype, hidden.device)
     need_h, need_w, need_b = needs
     # Half gradients of the weight and bias are sums over all chunks: accumulate them in fp32.
-    grad_h = torch.empty_like(hidden) if need_h else None
+    # Rows that do not count get exact zeros in grad_hidden (never written after the zeros).
+    new_grad_h = torch.empty_like if rows is None else torch.zeros_like
+    grad_h = new_grad_h(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=cdt, device=weight.device) if need_b else None
-    ce = torch.empty(n, dtype=cdt, device=hidden.device)
-    lse = torch.empty(n, dtype=cdt, device=hidden.device)
+    # The per-row CE and lse of the counted rows, in their order.
+    ce = torch.empty(m, dtype=cdt, device=hidden.device)
+    lse = torch.empty(m, dtype=cdt, device=hidden.device)
+    counted = valid if rows is None else valid.new_ones(m)
     kernel = row_kernel(backend)
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        h = hidden[start:end]
+    for start in range(0, m, chunk):
+        end = min(m, start + chunk)
+        if rows is None:
+            r = None
+            h, tc = hidden[start:end], t[start:end]
+        else:
+            r = rows[start:end]
+            h, tc = hidden.index_select(0, r), t.index_select(0, r)
         logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
         grad = logits if any(needs) else None  # overwritten by its own gradient
         ce[start:end], lse[start:end] = kernel(
-            logits, t[start:end], valid[start:end], None, label_smoothing, z_loss, grad_scale, grad
+            logits, tc, counted[start:end], None, label_smoothing, z_loss, grad_scale, grad
         )
         if grad is None:
             continue
         if row_scale is not None:
-            grad.mul_(row_scale[start:end, None].to(grad.dtype))
+            scale = row_scale[start:end] if r is None else row_scale.index_select(0, r)
+            grad.mul_(scale[:, None].to(grad.dtype))
         if need_h:
-            torch.mm(grad, weight, out=grad_h[start:end])
+            if r is None:
+                torch.mm(grad, weight, out=grad_h[start:end])
+            else:
+                grad_h.index_copy_(0, r, grad @ weight)
         if need_w:
             if grad_w.dtype == grad.dtype:
                 grad_w.addmm_(grad.T, h)
@@ -186,6 +211,9 @@ def _chunked(
                 grad_w += grad.T @ h
         if need_b:
             grad_b += grad.sum(0, dtype=cdt)
+    if rows is not None:  # back to all N rows, 0 on those that do not count
+        ce = ce.new_zeros(n).index_copy_(0, rows, ce)
+        lse = lse.new_zeros(n).index_copy_(0, rows, lse)
     loss = reduce_rows(ce, lse, reduction, z_loss, denominators)
     # Absent gradients are empty tensors, each its own (custom op outputs may not alias).
     return (
