@@ -7,7 +7,7 @@ a driver that only compiles: each specialization they ask for goes through Trito
 compiled kernel with its registers, stack and local (spilled) bytes per thread and shared memory,
 read from the cubin with the cuobjdump that Triton ships, and exits 1 if any case fails to compile.
 
-    python scripts/triton_compile.py [--jobs N]
+    python scripts/triton_compile.py [--jobs N] [--only SUBSTRING]
 
 The cases cover each kernel's compile-time switches (dtype, mask kind, causal, lengths, whole or
 chunked rows, 32- or 64-bit row indices, ...) at least once, not every combination.
@@ -157,7 +157,61 @@ def _pad_embedding_cases() -> list[tuple[str, Callable[[], None]]]:
     return cases
 
 
-CASES = _softmax_cases() + _cross_entropy_cases() + _pad_embedding_cases()
+def _attention_cases() -> list[tuple[str, Callable[[], None]]]:
+    from maskkern.triton_kernels import attention as at
+
+    def tiles_of(mask: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+        B, H, Lq, Lk = mask.shape
+        return torch.ones(B, H, triton.cdiv(Lq, bq), triton.cdiv(Lk, bk), dtype=torch.int8)
+
+    # (mask kind, causal, (window_left, window_right), lengths, query_lengths, packed, GQA group):
+    # every value of each switch at least once; the heaviest combinations at every head dim.
+    switches = [
+        ("bool", 1, (64, -1), True, False, False, 2),
+        ("add", 2, (-1, 32), False, True, False, 1),
+        (None, 2, (48, 16), False, False, True, 4),
+        (None, 0, (-1, -1), False, False, False, 1),
+    ]
+    # (D, Dv, switch sets): the three heavy sets at each head-dim block (64, 128, 256), one at an
+    # odd D and at Dv != D, the plain one (no mask, causal, window or lengths) once
+    dims = [(64, 64, switches), (128, 128, switches[:3]), (256, 256, switches[:3])]
+    dims += [(80, 80, switches[:1]), (64, 128, switches[1:2])]
+    cases = []
+    for dtype in DTYPES:
+        for d, dv, sets in dims:
+            for kind, causal, window, has_len, has_qlen, packed, group in sets:
+
+                def case(dtype=dtype, d=d, dv=dv, kind=kind, causal=causal, window=window,
+                         has_len=has_len, has_qlen=has_qlen, packed=packed, group=group):  # fmt: skip
+                    B, Hkv, Lq, Lk = (1, 2, 300, 300) if packed else (2, 2, 200, 260)
+                    Hq = Hkv * group
+                    q = torch.randn(B, Lq, Hq, d).to(dtype).transpose(1, 2)
+                    k = torch.randn(B, Lk, Hkv, d).to(dtype).transpose(1, 2)
+                    v = torch.randn(B, Lk, Hkv, dv).to(dtype).transpose(1, 2)
+                    bq, bk = at.attention_blocks(d, dtype)
+                    mask = tiles = None
+                    if kind == "bool":
+                        mask = (torch.rand(B, 1, Lq, Lk) > 0.3).expand(B, Hq, Lq, Lk)
+                        tiles = tiles_of(mask, bq, bk)
+                    elif kind == "add":
+                        mask = torch.randn(1, Hq, Lq, Lk).to(dtype).expand(B, Hq, Lq, Lk)
+                    lens = torch.tensor([Lk, 100]) if has_len else None
+                    qlens = torch.tensor([Lq, 50]) if has_qlen else None
+                    cu = torch.tensor([0, 100, 300]) if packed else None
+                    max_q, max_k = (200, 200) if packed else (Lq, Lk)
+                    geometry = (lens, qlens, cu, cu, max_q, max_k, causal, *window, d**-0.5, bq, bk)
+                    out, lse = at.attention_fwd(q, k, v, mask, tiles, *geometry)
+                    at.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, tiles, *geometry)
+
+                flags = (
+                    f"mask={kind} causal={causal} window={window} lengths={has_len} qlens={has_qlen} "
+                    f"packed={packed} group={group}"
+                )
+                cases.append((f"attention {dtype} D={d} Dv={dv} {flags}", case))
+    return cases
+
+
+CASES = _softmax_cases() + _cross_entropy_cases() + _pad_embedding_cases() + _attention_cases()
 
 
 def _resource_usage(cubin: bytes) -> str:
@@ -193,16 +247,18 @@ def _run_case(index: int) -> tuple[str, list[str], str | None]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="cases compiled in parallel")
+    parser.add_argument("--only", default="", help="compile only the cases whose name contains this")
     args = parser.parse_args()
+    selected = [index for index, (name, _) in enumerate(CASES) if args.only in name]
     print(f"triton {triton.__version__}, torch {torch.__version__}, target {TARGET}", flush=True)
     failed = 0
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_enter_compile_only_mode) as pool:
-        for name, lines, error in pool.map(_run_case, range(len(CASES))):
+        for name, lines, error in pool.map(_run_case, selected):
             print(("FAILED " if error else "") + name, *lines, sep="\n", flush=True)
             if error:
                 failed += 1
                 print(error, flush=True)
-    print(f"{len(CASES) - failed} of {len(CASES)} cases compiled for sm_90", flush=True)
+    print(f"{len(selected) - failed} of {len(selected)} cases compiled for sm_90", flush=True)
     return 1 if failed else 0
 
 
