@@ -1,9 +1,9 @@
 # Every target sets itself up on a fresh machine (scripts/env.sh: .venv with torch==2.13.0 and
-# triton, or the torch + triton already installed), then builds maskkern._C in place.
+# triton, or the torch + triton already installed), then builds maskkern._C and the CPU kernels (one library per instruction-set level) in place.
 SHELL := /bin/bash
 ENV := source scripts/env.sh
 
-.PHONY: help test bench bench-quick build lint format cuda-build triton-compile sanitize stress-64bit gpu-check info clean
+.PHONY: help test bench bench-quick build lint format cuda-build triton-compile sanitize portable-check stress-64bit gpu-check info clean
 
 help:  ## this list: every target with what it does
 	@awk -F':.*## ' '/^[a-z0-9-]+:.*## / { printf "  make %-16s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -37,6 +37,9 @@ cuda-build:  ## compile + link the CUDA sources against a CUDA build of torch (n
 triton-compile:  ## compile every Triton kernel for sm_90 (no GPU needed): registers, stack, spills
 	$(ENV) && $$PY scripts/triton_compile.py
 
+portable-check:  ## the wheel in a fresh venv, smoke-tested natively and under qemu-x86_64 -cpu EPYC-Rome (AVX2)
+	bash scripts/portable_check.sh
+
 sanitize:  ## the CPU-backend tests under AddressSanitizer + UndefinedBehaviorSanitizer
 	bash scripts/sanitize.sh
 
@@ -46,5 +49,5 @@ stress-64bit:  ## each CPU kernel on a tensor over 2^31 elements (64-bit offsets
 gpu-check:  ## on a GPU machine: build, tests, compute-sanitizer, bench, each time-boxed (scripts/gpu_check.sh)
 	bash scripts/gpu_check.sh $(STEPS)
 
-clean:  ## remove the build (build/, maskkern/_C*.so)
+clean:  ## remove the build (build/, maskkern/*.so)
 	rm -rf build maskkern/*.so build.lock

@@ -1,12 +1,11 @@
 // The one TORCH_LIBRARY of maskkern: every native kernel's schema lives here. Kernels register
-// themselves per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fakes and autograd are attached in
-// Python (maskkern/ops/). These are the *kernel* ops behind the public custom ops: callers pass
-// tensors already validated and normalised by the Python layer.
+// themselves per device in csrc/cpu/*.cpp (built once per instruction-set level into
+// maskkern._cpu_<level>, of which one is loaded) and csrc/cuda/*.cu; fakes and autograd are
+// attached in Python (maskkern/ops/). These are the *kernel* ops behind the public custom ops:
+// callers pass tensors already validated and normalised by the Python layer.
 
 #include <Python.h>
 #include <torch/library.h>
-
-#include "cpu/output_memory.h"
 
 extern "C" {
 // `import maskkern._C` loads this shared object, which runs the static registrations below.
@@ -17,14 +16,6 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(maskkern, m) {
-  // The CPU output cache (csrc/cpu/output_memory.h): an uninitialised contiguous CPU tensor for a
-  // kernel to fill; the release of every cached block (returns the bytes released); the bypass.
-  m.def("empty_for_writing(int[] size, ScalarType dtype) -> Tensor",
-        [](at::IntArrayRef size, at::ScalarType dtype) {
-          return maskkern::empty_for_writing(size, at::TensorOptions().dtype(dtype));
-        });
-  m.def("empty_cache() -> int", &maskkern::empty_cache);
-  m.def("set_cache_bypassed(bool bypassed) -> bool", &maskkern::set_cache_bypassed);
   // masked_softmax: scores (B, H, Lq, Lk); mask None or (B, H, Lq, Lk) read through its strides
   // (bool: true = keep, or scores' float dtype: added after scaling); lengths/query_lengths None
   // or int64 (B,); causal 0 = none, 1 = top-left, 2 = bottom-right. Returns a contiguous tensor.

@@ -7,6 +7,7 @@ embedding, masked cross-entropy) on Triton, C++/CUDA and C++ CPU backends, check
 from . import _backend
 
 _backend._load_extension()  # loads maskkern._C (its TORCH_LIBRARY) before the ops attach fakes
+_backend._load_cpu_kernels()  # and the CPU kernels of this CPU's instruction set
 
 from . import masks, nn, reference  # noqa: E402
 from ._backend import BackendStatus, backends  # noqa: E402

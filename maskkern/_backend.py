@@ -1,8 +1,13 @@
 """Which backends exist on this machine, and the choice of one for a given tensor.
 
 Backends (docs/design.md): ``triton`` (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1),
-``cuda`` (C++/CUDA kernels in maskkern._C), ``cpu`` (C++ CPU kernels in maskkern._C) and
-``torch`` (the eager reference, everywhere).
+``cuda`` (C++/CUDA kernels in maskkern._C), ``cpu`` (C++ CPU kernels in maskkern._cpu_<level>)
+and ``torch`` (the eager reference, everywhere).
+
+The CPU kernels are built once per instruction-set level (setup.py): ``default`` (baseline), ``avx2``
+and ``avx512``. The widest level the running CPU supports — as torch sees it,
+``torch.backends.cpu.get_cpu_capability()`` — is loaded on first use; ``MASKKERN_CPU_CAPABILITY=
+default|avx2|avx512`` picks a lower one. One built on a machine with AVX-512 so runs on one without.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -38,8 +44,55 @@ def _load_extension() -> tuple[object | None, str]:
 
 
 def native_extension_loaded() -> bool:
-    """True when maskkern._C (the C++ CPU, and maybe CUDA, kernels) is loaded."""
+    """True when maskkern._C (the op schemas, and maybe the CUDA kernels) is loaded."""
     return _load_extension()[0] is not None
+
+
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def _cpu_supports() -> str:
+    """The widest of CPU_CAPABILITIES that this CPU runs, by torch's own detection."""
+    found = torch.backends.cpu.get_cpu_capability().lower()
+    return found if found in CPU_CAPABILITIES else "default"
+
+
+@functools.cache
+def _load_cpu_kernels() -> tuple[str | None, str]:
+    """(the level of the CPU kernels loaded, or None, and why not): maskkern._cpu_<level>, the
+    widest the CPU supports, at most MASKKERN_CPU_CAPABILITY; a level that was not built falls
+    back to the next lower one."""
+    if not native_extension_loaded():
+        return None, _load_extension()[1]
+    top = _cpu_supports()
+    asked = os.environ.get("MASKKERN_CPU_CAPABILITY", "").strip().lower()
+    if asked:
+        if asked not in CPU_CAPABILITIES:
+            why = f"MASKKERN_CPU_CAPABILITY must be one of {CPU_CAPABILITIES}, got {asked!r}"
+            warnings.warn(why + "; the cpu backend is off", stacklevel=2)
+            return None, why
+        if CPU_CAPABILITIES.index(asked) > CPU_CAPABILITIES.index(top):
+            warnings.warn(f"MASKKERN_CPU_CAPABILITY={asked}: this CPU supports up to {top}", stacklevel=2)
+        else:
+            top = asked
+    errors = []
+    for level in reversed(CPU_CAPABILITIES[: CPU_CAPABILITIES.index(top) + 1]):
+        try:
+            importlib.import_module(f"maskkern._cpu_{level}")
+            return level, ""
+        except ImportError as exc:
+            errors.append(f"{level}: {exc}")
+    return None, f"no CPU kernels could be loaded ({'; '.join(errors)}); rebuild with `pip install -e .`"
+
+
+def cpu_kernels_loaded() -> bool:
+    """True when a maskkern._cpu_<level> library (the C++ CPU kernels) is loaded."""
+    return _load_cpu_kernels()[0] is not None
+
+
+def cpu_capability() -> str | None:
+    """The instruction-set level of the loaded CPU kernels ("default", "avx2", "avx512"), or None."""
+    return _load_cpu_kernels()[0]
 
 
 @functools.cache
@@ -66,7 +119,10 @@ def backend_status(name: str) -> BackendStatus:
         if ext is None:
             return BackendStatus(False, why)
         if name == "cpu":
-            return BackendStatus(True, "C++ CPU kernels in maskkern._C")
+            level, why = _load_cpu_kernels()
+            if level is None:
+                return BackendStatus(False, why)
+            return BackendStatus(True, f"C++ CPU kernels in maskkern._cpu_{level}")
         if not _has_native_kernel("CUDA"):
             return BackendStatus(False, "maskkern._C was built without CUDA sources")
         if not torch.cuda.is_available():

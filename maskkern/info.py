@@ -25,6 +25,9 @@ def info() -> str:
         lines.append("triton   not installed")
     if torch.cuda.is_available():
         lines.append(f"gpu      {torch.cuda.get_device_name()}")
+    from maskkern._backend import _cpu_supports, cpu_capability
+
+    lines.append(f"cpu      kernels {cpu_capability() or 'not loaded'} (this CPU supports {_cpu_supports()})")
     lines.append("backends:")
     for name, status in maskkern.backends().items():
         lines.append(f"  {name:7s} {'yes' if status.available else 'no ':3s}  {status.reason}")

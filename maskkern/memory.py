@@ -16,15 +16,15 @@ from collections.abc import Iterator
 
 import torch
 
-from ._backend import native_extension_loaded
+from ._backend import cpu_kernels_loaded
 
 
 def empty_cache() -> int:
     """Unmaps every cached block (blocks in use are not affected); returns the bytes released.
 
-    The CPU counterpart of ``torch.cuda.empty_cache()``; 0 when maskkern._C is not loaded.
+    The CPU counterpart of ``torch.cuda.empty_cache()``; 0 when the CPU kernels are not loaded.
     """
-    if not native_extension_loaded():
+    if not cpu_kernels_loaded():
         return 0
     return int(torch.ops.maskkern.empty_cache())
 
@@ -34,7 +34,7 @@ def cache_bypassed() -> Iterator[None]:
     """Within the block, outputs come from the OS and freed blocks go back to it, as without the
     cache; the blocks already cached stay cached. The benchmark's measure of what the cache is
     worth (its ``maskkern-nocache`` provider). Not thread-local: it affects every thread."""
-    if not native_extension_loaded():
+    if not cpu_kernels_loaded():
         yield
         return
     previous = torch.ops.maskkern.set_cache_bypassed(True)

@@ -10,10 +10,7 @@ import torch
 from torch import Tensor
 
 from . import masks
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._dtypes import compute_dtype
 
 
 def masked_softmax_keep(
@@ -60,7 +57,7 @@ def masked_softmax(
     Replaces ``F.softmax((scores * scale).masked_fill(~keep, -inf), -1)`` (which gives NaN on
     fully masked rows); bool ``mask`` is True = keep, a float ``mask`` is added after scaling.
     """
-    z = scores.to(_compute_dtype(scores.dtype)) * scale
+    z = scores.to(compute_dtype(scores.dtype)) * scale
     if mask is not None and mask.dtype != torch.bool:
         z = z + mask.to(z.dtype)
     keep = masked_softmax_keep(scores.shape, scores.device, mask, lengths, query_lengths, causal)
@@ -79,7 +76,7 @@ def masked_softmax(
 
 def masked_softmax_backward(grad: Tensor, out: Tensor, scale: float) -> Tensor:
     """dX = scale * Y * (dY - sum(Y * dY)), in the compute dtype, returned in ``out``'s dtype."""
-    y = out.to(_compute_dtype(out.dtype))
+    y = out.to(compute_dtype(out.dtype))
     g = grad.to(y.dtype)
     yg = y * g
     return (scale * (yg - y * yg.sum(-1, keepdim=True))).to(out.dtype)
@@ -106,7 +103,7 @@ def masked_cross_entropy(
     """
     cdim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[cdim]
-    x = input.to(_compute_dtype(input.dtype))
+    x = input.to(compute_dtype(input.dtype))
     valid = target != ignore_index
     if mask is not None:
         valid = valid & mask
@@ -150,7 +147,7 @@ def masked_cross_entropy_rows(
     (s_ce, s_z) = grad_scale, (1, 1) when None.
     """
     n_classes = logits.shape[1]
-    x = logits.to(_compute_dtype(logits.dtype))
+    x = logits.to(compute_dtype(logits.dtype))
     safe = target.masked_fill(~valid, 0)
     lse = torch.logsumexp(x, 1)
     w = torch.ones(n_classes, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
@@ -230,7 +227,7 @@ def pad_embedding_backward(
     """The dense grad_weight (num_weights, D) of ``pad_embedding``, as the kernels define it: for each
     row the sum of its tokens' grad rows in the compute dtype (pad tokens, ``padding_idx`` >= 0,
     skipped), times ``scale`` (and 1/count with ``scale_grad_by_freq``), rounded once."""
-    g = grad.reshape(-1, grad.shape[-1]).to(_compute_dtype(grad.dtype))
+    g = grad.reshape(-1, grad.shape[-1]).to(compute_dtype(grad.dtype))
     ids = input.reshape(-1)
     gw = torch.ops.aten.embedding_dense_backward(g, ids, num_weights, padding_idx, scale_grad_by_freq)
     return (gw * scale).to(grad.dtype)
@@ -252,7 +249,7 @@ def attention(
     """``masked_softmax(q @ k.mT, mask & window, ..., scale) @ v`` in the compute dtype: the eager
     expression ``attention`` replaces, with the (Lq, Lk) scores held. A query that sees no key
     gives zeros. ``enable_gqa``: k and v's heads (dim -3) are repeated to q's."""
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     if enable_gqa and q.dim() >= 3:
         group = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)

@@ -48,6 +48,7 @@ if ! source "$ROOT/scripts/cuda_headers.sh"; then  # this machine's toolkit lack
 fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MASKKERN_CUDA=1
+export MASKKERN_CPU_CAPABILITIES=default  # the CPU levels are built by the CPU build; one is enough here
 export MAX_JOBS="${MAX_JOBS:-2}"
 
 echo "[cuda-build] torch $("$PY" -c 'import torch; print(torch.__version__)'), nvcc $CUDA_HOME," \

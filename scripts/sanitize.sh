@@ -10,12 +10,15 @@ source scripts/env.sh
 OUT="$ROOT/build/asan"
 rm -rf "$OUT/pkg"
 mkdir -p "$OUT/pkg"
-MASKKERN_SANITIZE=1 MASKKERN_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
+# Only this CPU's instruction-set level (and the baseline, always built): the one the tests load.
+LEVEL="$("$PY" -c 'import torch; print(torch.backends.cpu.get_cpu_capability().lower())')"
+case "$LEVEL" in avx2 | avx512) ;; *) LEVEL=default ;; esac
+MASKKERN_SANITIZE=1 MASKKERN_CUDA=0 MASKKERN_CPU_CAPABILITIES="$LEVEL" MAX_JOBS="${MAX_JOBS:-2}" \
   "$PY" setup.py -q build_ext --build-temp "$OUT/temp" --build-lib "$OUT/lib" >&2
 cp -r maskkern "$OUT/pkg/maskkern"
-rm -f "$OUT/pkg/maskkern/"_C*.so
+rm -f "$OUT/pkg/maskkern/"_C*.so "$OUT/pkg/maskkern/"_cpu_*.so
 cp -r triton_kernels "$OUT/pkg/maskkern/triton_kernels"
-cp "$OUT"/lib/maskkern/_C*.so "$OUT/pkg/maskkern/"
+cp "$OUT"/lib/maskkern/_C*.so "$OUT"/lib/maskkern/_cpu_*.so "$OUT/pkg/maskkern/"
 
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"

@@ -7,6 +7,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/Storage.h>
 #include <c10/util/accumulate.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <cstdint>
@@ -211,5 +212,17 @@ at::Tensor empty_for_writing(at::IntArrayRef sizes, const at::TensorOptions& opt
 int64_t empty_cache() { return cache().clear(); }
 
 bool set_cache_bypassed(bool bypassed) { return cache().set_bypassed(bypassed); }
+
+// The cache's ops live with the cache, in the CPU kernel library (one per instruction-set level,
+// of which one is loaded): an uninitialised contiguous CPU tensor for a kernel to fill; the
+// release of every cached block (returns the bytes released); the bypass.
+TORCH_LIBRARY_FRAGMENT(maskkern, m) {
+  m.def("empty_for_writing(int[] size, ScalarType dtype) -> Tensor",
+        [](at::IntArrayRef size, at::ScalarType dtype) {
+          return empty_for_writing(size, at::TensorOptions().dtype(dtype));
+        });
+  m.def("empty_cache() -> int", &empty_cache);
+  m.def("set_cache_bypassed(bool bypassed) -> bool", &set_cache_bypassed);
+}
 
 }  // namespace maskkern

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .. import masks
 from .._backend import native_extension_loaded, resolve_backend
+from .._dtypes import compute_dtype
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -174,9 +175,8 @@ def varlen_attention(
     Args:
         q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv); same dtype and device.
             Hkv = Hq unless ``enable_gqa`` (then Hq % Hkv == 0).
-        cu_seqlens_q: int32/int64 (n + 1,), 0 = cu[0] <= cu[1] <= ... <= cu[n] <= total_q:
-            sequence s is rows cu[s]:cu[s + 1]; empty sequences are allowed, rows past cu[n] get
-            zeros.
+        cu_seqlens_q: int32/int64 (n + 1,), 0 = cu[0] <= cu[1] <= ... <= cu[n] = total_q:
+            sequence s is rows cu[s]:cu[s + 1]; empty sequences are allowed.
         cu_seqlens_k: the same for k and v; default ``cu_seqlens_q``.
         max_seqlen_q, max_seqlen_k: the longest sequence, read from cu_seqlens when None (a host
             synchronisation, which torch.compile(fullgraph=True) cannot trace: give them there).
@@ -292,8 +292,9 @@ def _check_cu_values(cu: Tensor, name: str, total: int, max_seqlen: int) -> None
     steps = host.diff()
     if steps.numel() and int(steps.min()) < 0:
         raise ValueError(f"{name} must be non-decreasing, got a step of {int(steps.min())}")
-    if int(host[-1]) > total:
-        raise ValueError(f"{name} ends at {int(host[-1])}, past the {total} rows of its tensor")
+    if int(host[-1]) != total:
+        where = "past" if int(host[-1]) > total else "before the end of"
+        raise ValueError(f"{name} must end at its tensor's {total} rows, got {int(host[-1])} ({where} it)")
     if steps.numel() and int(steps.max()) > max_seqlen:
         raise ValueError(
             f"max_seqlen = {max_seqlen} is less than {name}'s longest sequence, {int(steps.max())}"
@@ -371,10 +372,6 @@ def _kernels(backend: str):
     return _materialised_fwd, _materialised_bwd
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _visible(Lq, Lk, lengths, query_lengths, cu_q, cu_k, causal, left, right, device) -> Tensor:
     """Bool (B|1, 1, Lq, Lk): which keys each query may see by the arithmetic masks."""
     i, j = torch.arange(Lq, device=device)[:, None], torch.arange(Lk, device=device)[None, :]
@@ -407,7 +404,7 @@ def _visible(Lq, Lk, lengths, query_lengths, cu_q, cu_k, causal, left, right, de
 
 def _materialised_probs(q, k, mask, lse, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale):
     """(P, lse, k repeated to q's heads) with the (B, Hq, Lq, Lk) scores held: the composite."""
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     group = q.shape[1] // max(k.shape[1], 1)
     kf = k.to(ct).repeat_interleave(group, 1)
     s = (q.to(ct) @ kf.transpose(-2, -1)) * scale
@@ -474,7 +471,7 @@ def _expanded(q, k, mask, backend):
 def _out_like(q, v):
     B, Hq, Lq = q.shape[:3]
     out = q.new_empty((B, Lq, Hq, v.shape[-1])).transpose(1, 2)
-    return out, q.new_empty((B, Hq, Lq), dtype=_compute_dtype(q.dtype))
+    return out, q.new_empty((B, Hq, Lq), dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("maskkern::attention", mutates_args=())
