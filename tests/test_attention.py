@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import maskkern as mk
 from maskkern import reference
+from maskkern.testing import profiled_peak_bytes
 
 from .utils import FLOAT_DTYPES, assert_close, backend_device_params
 
@@ -459,35 +460,14 @@ def test_forward_holds_no_scores(backend, device):
         pytest.skip("the torch backend is the materialised reference")
     q, k, v = (torch.randn(1, 1, 8192, 64, device=device) for _ in range(3))
     lengths = torch.tensor([6000], device=device)
-    peak = _peak_bytes(lambda: mk.attention(q, k, v, lengths=lengths, causal=True, backend=backend))
+    peak = profiled_peak_bytes(lambda: mk.attention(q, k, v, lengths=lengths, causal=True, backend=backend))
     assert peak < 16 << 20, f"{peak / 2**20:.1f} MB"
-    grad_peak = _peak_bytes(
+    grad_peak = profiled_peak_bytes(
         lambda: torch.autograd.grad(
             mk.attention(q.requires_grad_(), k, v, lengths=lengths, causal=True, backend=backend).sum(), q
         )
     )
     assert grad_peak < 48 << 20, f"{grad_peak / 2**20:.1f} MB"  # out, lse, dq, dk, dv: 2 MB each
-
-
-def _peak_bytes(fn) -> int:
-    """The most bytes the torch allocators held at once during fn, above what was live before."""
-    from torch._C._profiler import _EventType
-
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation:
-            events.append((event.start_time_ns, event.extra_fields.alloc_size))
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
