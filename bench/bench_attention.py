@@ -12,8 +12,16 @@ Cases (CPU fp32; GPU bf16): the headline q (4, 8, 512, 64); the same with query_
 (SDPA gets its key mask, does the padded queries' work anyway and is timed as a baseline); no mask;
 causal only; padding pays (lengths and query_lengths at 50% against 100%, maskkern alone); packed
 sequences (varlen_attention, its output padded back) against the padded call with lengths and
-query_lengths; the forward at q (1, 1, 8192, 64) for memory; on GPU an L sweep against FlexAttention.
-FLOPs are not modelled (the kept pairs differ per case); GFLOP/s of the kernels are in the notes.
+query_lengths (and on GPU flash-attn's ``flash_attn_varlen_func`` on the same packed tensors, when
+importable); the forward at q (1, 1, 8192, 64) for memory; on GPU an L sweep against FlexAttention.
+A --quick run has the first four at the headline shape (the targets' cases; no compile peer on CPU).
+
+FLOP model (the GFLOP/s column): the useful work, counted on the (query, key) pairs the masks keep,
+whoever computes them: forward 4·D per kept pair per head (2·D for q·k, 2·Dv for p·v, Dv = D),
+backward 2.5× the forward (five matmuls to the forward's two, as FlashAttention counts), so fwd+bwd
+is 3.5× the forward. The same count is every provider's, so a provider that also computes the
+pairs a mask drops (SDPA's, eager's) shows a lower rate for the same answer. The kernels' GFLOP/s
+are read against the machine's matmul rate (a square torch.mm, measured at the start: % matmul).
 
     python bench/bench_attention.py [--quick]
 """
@@ -27,23 +35,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _harness import AT_ZERO, Case, CaseResult, Context, Target, at_zero, main, pays, ratio
-from bench_masked_softmax import keep_mask
+from bench_masked_softmax import keep_mask, kept_pairs
 from torch import Tensor
 
 import maskkern as mk
 from maskkern import reference
+from maskkern.testing import ATTENTION_TOL
 
 KERNEL = "attention"
 HEAD_DIM = 64
 SCALE = 1 / math.sqrt(HEAD_DIM)  # SDPA's default, and mk.attention's
 HEADLINE = (4, 8, 512, HEAD_DIM)
-
-# (rtol, atol) of the output and the q/k/v gradients against the float64 reference, looser than
-# the softmax's: the matmuls accumulate L products per value and round the scores to the inputs'
-# dtype before the softmax. fp32: maskkern, eager and SDPA all measured 1-3e-6 max abs error at
-# the CPU headline (values up to 5). fp16/bf16: every score carries its 2^-11 / 2^-8 relative
-# rounding, so the bounds are a few of those over O(1) values.
-TOL = {torch.float32: (1e-4, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
+GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384]  # the span the GPU target is set over
 
 
 def _flex():
@@ -56,6 +59,22 @@ def _flex():
 
 
 FLEX = _flex()
+
+
+def _flash_varlen():
+    """flash-attn's flash_attn_varlen_func, or None where it is not importable."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # not installed, or built against another torch: the table goes on without it
+        return None
+    return flash_attn_varlen_func
+
+
+def _gflop(shape: tuple[int, ...], pairs: int) -> dict[str, float]:
+    """The FLOP model of the module docstring, per mode, for ``pairs`` kept pairs in each of
+    ``shape``'s heads."""
+    fwd = 4 * shape[3] * shape[1] * pairs / 1e9
+    return {"fwd": fwd, "fwd+bwd": 3.5 * fwd}
 
 
 def _lengths(B: int, L: int) -> Tensor:
@@ -135,8 +154,9 @@ def _qkv(ctx: Context, shape, dtype, **extra):
 
 
 def _case(
-    ctx, label, shape, dtype, inputs, providers, ref, *, baselines=(), modes=("fwd", "fwd+bwd")
+    ctx, label, shape, dtype, inputs, providers, ref, pairs, *, baselines=(), modes=("fwd", "fwd+bwd")
 ) -> Case:
+    """``pairs``: the kept (query, key) pairs per head (kept_pairs), the FLOP model's count."""
     return Case(
         name=name(label, shape, dtype),
         x_name="L",
@@ -148,8 +168,10 @@ def _case(
         grad_inputs=("q", "k", "v") if "fwd+bwd" in modes else (),
         modes=modes,
         plot=f"cases {_d(dtype)}",
-        tol=TOL[dtype],
+        tol=ATTENTION_TOL[dtype],
         baselines=baselines,
+        work=_gflop(shape, pairs),
+        work_unit="GFLOP",
     )
 
 
@@ -178,6 +200,7 @@ def headline(ctx: Context, shape, dtype) -> Case:
         _qkv(ctx, shape, dtype, **extra),
         providers,
         _reference(causal=True),
+        kept_pairs(lens.tolist(), [L] * B, True),
     )
 
 
@@ -196,6 +219,7 @@ def flex_forward(ctx: Context, shape, dtype) -> Case:
         inputs,
         providers,
         _reference(causal=True),
+        kept_pairs(lens.tolist(), [L] * B, True),
         modes=("fwd",),
     )
 
@@ -208,7 +232,8 @@ def query_lengths(ctx: Context, shape, dtype) -> Case:
     ref = _reference(causal=True, query_lengths=lens)
     inputs = _qkv(ctx, shape, dtype, lengths=lens)
     label = "lengths+query_lengths+causal"
-    return _case(ctx, label, shape, dtype, inputs, providers, ref, baselines=("eager", "sdpa"))
+    pairs = kept_pairs(lens.tolist(), lens.tolist(), True)
+    return _case(ctx, label, shape, dtype, inputs, providers, ref, pairs, baselines=("eager", "sdpa"))
 
 
 def _backend(ctx: Context) -> str:
@@ -220,7 +245,9 @@ def unmasked(ctx: Context, shape, dtype, causal: bool) -> Case:
     providers = {"maskkern": _mk(causal=causal)(_backend(ctx)), "sdpa": _sdpa(causal, as_mask=False)}
     providers["eager"] = _eager(causal)
     label = "causal only" if causal else "no mask"
-    return _case(ctx, label, shape, dtype, _qkv(ctx, shape, dtype), providers, _reference(causal=causal))
+    full = [shape[2]] * shape[0]
+    inputs, ref = _qkv(ctx, shape, dtype), _reference(causal=causal)
+    return _case(ctx, label, shape, dtype, inputs, providers, ref, kept_pairs(full, full, causal))
 
 
 def padding_pays(ctx: Context, shape, dtype) -> Case:
@@ -240,7 +267,8 @@ def padding_pays(ctx: Context, shape, dtype) -> Case:
     ref = _reference(causal=True, query_lengths=half)
     inputs = _qkv(ctx, shape, dtype, lengths=half)
     label = "pad=50% (keys and queries)"
-    return _case(ctx, label, shape, dtype, inputs, providers, ref, baselines=("eager", AT_ZERO))
+    pairs = kept_pairs([L // 2] * B, [L // 2] * B, True)
+    return _case(ctx, label, shape, dtype, inputs, providers, ref, pairs, baselines=("eager", AT_ZERO))
 
 
 def varlen(ctx: Context, shape, dtype) -> Case:
@@ -276,10 +304,30 @@ def varlen(ctx: Context, shape, dtype) -> Case:
     def padded_fn(q, k, v, lengths, **_):
         return mk.attention(q, k, v, lengths=lengths, query_lengths=lengths, causal=True, backend=backend)
 
-    ref = _reference(causal=True, query_lengths=lens)
+    padded_ref = _reference(causal=True, query_lengths=lens)
+
+    def ref(q_packed, k_packed, v_packed, lengths, **_):
+        # Of the packed tensors, as maskkern's output is (the padded ones feed the baselines).
+        q, k, v = (mk.masks.pad(x, cu, L).transpose(1, 2) for x in (q_packed, k_packed, v_packed))
+        return padded_ref(q, k, v, lengths=lengths)
+
     providers = {"maskkern": packed_fn, "padded": padded_fn, "eager": _eager(True)}
-    case = _case(ctx, "packed", shape, dtype, inputs, providers, ref, baselines=("padded", "eager"))
-    case.grad_inputs = ("q_packed", "k_packed", "v_packed")
+    flash = _flash_varlen() if ctx.on_gpu else None  # flash-attn is CUDA only
+    if flash is not None:
+        cu32 = cu.to(torch.int32)
+
+        def flash_fn(q_packed, k_packed, v_packed, **_):
+            out = flash(
+                q_packed, k_packed, v_packed, cu32, cu32, max_len, max_len, softmax_scale=SCALE, causal=True
+            )
+            return mk.masks.pad(out, cu, L).transpose(1, 2)
+
+        providers["flash-attn"] = flash_fn
+    pairs = kept_pairs(lens.tolist(), lens.tolist(), True)
+    case = _case(ctx, "packed", shape, dtype, inputs, providers, ref, pairs, baselines=("padded", "eager"))
+    # The packed tensors are what maskkern and the reference read; the padded ones get gradients too,
+    # for the baselines' backward (the check finds none from the packed side, as expected).
+    case.grad_inputs = ("q_packed", "k_packed", "v_packed", "q", "k", "v")
     return case
 
 
@@ -288,7 +336,8 @@ def long_forward(ctx: Context, dtype) -> Case:
     shape = (1, 1, 8192, HEAD_DIM)
     providers = {"maskkern": _mk(causal=True)(_backend(ctx)), "eager": _eager(True)}
     providers["sdpa"] = _sdpa(True, as_mask=False)
-    return _case(ctx, "causal, long", shape, dtype, _qkv(ctx, shape, dtype), providers, None, modes=("fwd",))
+    inputs, pairs = _qkv(ctx, shape, dtype), kept_pairs([shape[2]], [shape[2]], True)
+    return _case(ctx, "causal, long", shape, dtype, inputs, providers, None, pairs, modes=("fwd",))
 
 
 def _dtype(ctx: Context) -> torch.dtype:
@@ -296,7 +345,7 @@ def _dtype(ctx: Context) -> torch.dtype:
 
 
 def _gpu_lengths(ctx: Context) -> list[int]:
-    return [1024, 16384] if ctx.quick else [1024, 2048, 4096, 8192, 16384]
+    return [GPU_LENGTHS[0], GPU_LENGTHS[-1]] if ctx.quick else GPU_LENGTHS
 
 
 def _gpu_shape(L: int) -> tuple[int, int, int, int]:
@@ -307,7 +356,8 @@ def _gpu_shape(L: int) -> tuple[int, int, int, int]:
 
 def cases(ctx: Context) -> list[Case]:
     """CPU: the headline set at (4, 8, 512, 64) (quick: the headline, its query_lengths and packed
-    variants, padding pays); GPU: the L sweep against SDPA and FlexAttention, bf16."""
+    variants and padding pays, those three in fwd+bwd only); GPU: the L sweep against SDPA and
+    FlexAttention, bf16."""
     dtype = _dtype(ctx)
     if ctx.on_gpu:
         return [headline(ctx, _gpu_shape(L), dtype) for L in _gpu_lengths(ctx)] + [
@@ -319,7 +369,10 @@ def cases(ctx: Context) -> list[Case]:
         padding_pays(ctx, HEADLINE, dtype),
     ]
     out.append(varlen(ctx, HEADLINE, dtype))
-    if not ctx.quick:
+    if ctx.quick:  # past the headline, the targets read fwd+bwd only
+        for case in out[1:]:
+            case.modes = ("fwd+bwd",)
+    else:
         out += [
             unmasked(ctx, HEADLINE, dtype, False),
             unmasked(ctx, HEADLINE, dtype, True),
@@ -336,78 +389,60 @@ def _peak(result: CaseResult | None, provider: str, mode: str) -> float | None:
 
 
 def targets(ctx: Context, results: dict[str, CaseResult]) -> list[Target]:
-    """The issue's targets: × SDPA's time with the same masks (<= means maskkern is that fraction
-    of SDPA's time), padding pays, packed vs padded, memory."""
+    """The issue's targets, each set at its case at the headline shape: × SDPA's time with the same
+    masks (<= means maskkern is that fraction of SDPA's time), padding pays, packed vs padded,
+    memory; on GPU the L sweep against FlexAttention (indicative over a quick run's two ends)."""
     dtype = _dtype(ctx)
-    out: list[Target] = []
-    get: Callable[[str, tuple], CaseResult | None] = lambda label, shape: results.get(
-        name(label, shape, dtype)
-    )
+
+    def vs(mode: str, peer: str = "sdpa") -> Callable[[CaseResult | None], float | None]:
+        return lambda r: r and ratio(r.p50("maskkern", mode), r.p50(peer, mode))
+
     if ctx.on_gpu:
-        flex = [r and ratio(r.p50("maskkern", "fwd+bwd"), r.p50("flex", "fwd+bwd")) for r in
-                (get("lengths+causal", _gpu_shape(L)) for L in _gpu_lengths(ctx))]  # fmt: skip
+        sweep = [results.get(name("lengths+causal", _gpu_shape(L), dtype)) for L in _gpu_lengths(ctx)]
+        flex = [vs("fwd+bwd", "flex")(r) for r in sweep]
         worst = None if any(x is None for x in flex) else max(flex)
-        out.append(
-            Target("attention fwd+bwd bf16 L 1024..16384: max time / FlexAttention's", worst, 1.0, "<=", "")
-        )
-        return out
-    head = get("lengths+causal", HEADLINE)
-    label = f"attention {name('lengths+causal', HEADLINE, dtype)}"
-    inv = lambda r, mode, peer="sdpa": r and ratio(r.p50("maskkern", mode), r.p50(peer, mode))
-    out += [
-        Target(f"{label} fwd+bwd: time / SDPA's", inv(head, "fwd+bwd"), 0.5, "<=", ""),
-        Target(f"{label} fwd: time / SDPA's", inv(head, "fwd"), 0.5, "<=", ""),
-        Target(
-            "attention + query_lengths fwd+bwd: time / SDPA's",
-            inv(get("lengths+query_lengths+causal", HEADLINE), "fwd+bwd"),
-            0.35,
-            "<=",
-            "",
-        ),
-        Target(
-            "attention padding pays: fwd+bwd at 50% / 0% keys and queries",
-            pays(get("pad=50% (keys and queries)", HEADLINE)),
-            0.35,
-            "<=",
-            "",
-        ),
-        Target(
-            "varlen_attention packed / padded with lengths, fwd+bwd",
-            inv(get("packed", HEADLINE), "fwd+bwd", "padded"),
+        span = f"{_d(dtype)} L {GPU_LENGTHS[0]}..{GPU_LENGTHS[-1]}"
+        at = {
+            "set_at": f"lengths+causal {_d(dtype)}, L in {GPU_LENGTHS}",
+            "measured_at": f"lengths+causal {_d(dtype)}, L in {_gpu_lengths(ctx)}",
+        }
+        return [Target(f"attention fwd+bwd {span}: max time / FlexAttention's", worst, 1.0, "<=", "", **at)]
+
+    def mem(r: CaseResult | None) -> float | None:
+        return ratio(_peak(r, "maskkern", "fwd+bwd"), _peak(r, "sdpa", "fwd+bwd"))
+
+    def long_mb(r: CaseResult | None) -> float | None:
+        peak = _peak(r, "maskkern", "fwd")
+        return peak and peak / 2**20
+
+    # (case label, shape, what, measure, required, unit); the last three only in a full run.
+    rows = [
+        ("lengths+causal", HEADLINE, "fwd+bwd: time / SDPA's", vs("fwd+bwd"), 0.5, ""),
+        ("lengths+causal", HEADLINE, "fwd: time / SDPA's", vs("fwd"), 0.5, ""),
+        ("lengths+query_lengths+causal", HEADLINE, "fwd+bwd: time / SDPA's", vs("fwd+bwd"), 0.35, ""),
+        ("pad=50% (keys and queries)", HEADLINE, "padding pays: fwd+bwd at 50% / 0%", pays, 0.35, ""),
+        (
+            "packed",
+            HEADLINE,
+            "varlen_attention / padded with lengths, fwd+bwd",
+            vs("fwd+bwd", "padded"),
             1.05,
-            "<=",
             "",
         ),
-        Target(
-            "attention fwd+bwd peak memory above inputs / SDPA's",
-            ratio(_peak(head, "maskkern", "fwd+bwd"), _peak(head, "sdpa", "fwd+bwd")),
-            1.1,
-            "<=",
-            "",
-        ),
+        ("lengths+causal", HEADLINE, "fwd+bwd peak memory above inputs / SDPA's", mem, 1.1, ""),
     ]
     if not ctx.quick:
-        long = get("causal, long", (1, 1, 8192, HEAD_DIM))
-        peak = _peak(long, "maskkern", "fwd")
-        out += [
-            Target(
-                "attention no mask fwd+bwd: time / SDPA's",
-                inv(get("no mask", HEADLINE), "fwd+bwd"),
-                1.15,
-                "<=",
-                "",
-            ),
-            Target(
-                "attention causal only fwd+bwd: time / SDPA is_causal",
-                inv(get("causal only", HEADLINE), "fwd+bwd"),
-                0.75,
-                "<=",
-                "",
-            ),
-            Target(
-                "attention fwd q (1, 1, 8192, 64): MB above inputs", peak and peak / 2**20, 16, "<=", "MB"
-            ),
+        rows += [
+            ("no mask", HEADLINE, "fwd+bwd: time / SDPA's", vs("fwd+bwd"), 1.15, ""),
+            ("causal only", HEADLINE, "fwd+bwd: time / SDPA is_causal", vs("fwd+bwd"), 0.75, ""),
+            ("causal, long", (1, 1, 8192, HEAD_DIM), "fwd: MB above inputs", long_mb, 16, "MB"),
         ]
+    out = []
+    for label, shape, what, measure, required, unit in rows:
+        at = name(label, shape, dtype)
+        out.append(
+            Target(f"attention {at} {what}", measure(results.get(at)), required, "<=", unit, set_at=at)
+        )
     return out
 
 

@@ -1,5 +1,6 @@
 """Every bench script's plan builds for a CPU and for a GPU: cases() and targets() run here, on CPU,
-once with a Context that says it is on a GPU (nothing is measured, and no input tensor is built).
+once with a Context that says it is on a GPU (nothing is measured, and no input tensor is built);
+every target names the case it was set for, and a full plan measures each one there.
 The GPU branches otherwise run only when a GPU is lent, for minutes, and a Python error in one
 would cost that run."""
 
@@ -39,7 +40,12 @@ for context in (h.Context, GpuContext):
             plain = hasattr(module, "targets") and module.KERNEL != "train_lm"
             targets = module.targets(ctx, {}) if plain else []
             assert all(t.measured is None for t in targets), (module.KERNEL, targets)
-            print(context.__name__, quick, module.KERNEL, len(cases), "cases", len(targets), "targets")
+            # Every target names the case it was set for, and a full run measures each one there.
+            assert all(t.set_at for t in targets), (module.KERNEL, targets)
+            assert quick or not any(t.indicative for t in targets), (module.KERNEL, targets)
+            indicative = sum(t.indicative for t in targets)
+            print(context.__name__, quick, module.KERNEL, len(cases), "cases", len(targets), "targets",
+                  indicative, "indicative")  # fmt: skip
 print("ok")
 """
 
