@@ -1,8 +1,11 @@
 """maskkern.integrations.transformers against transformers' own sdpa attention and HF loss, on tiny
 random-init models built from configs (no downloads): Llama (GQA), Qwen2 (full and sliding layers),
 Mistral (sliding window), GPT-2 (tied head) and Bert (bidirectional); right, left and no padding;
-packed batches (position_ids and DataCollatorWithFlattening's cu_seq_lens); greedy generate with a
-KV cache; torch.compile(fullgraph=True); and the missing-mask trap.
+packed batches (position_ids and DataCollatorWithFlattening's cu_seq_lens, causal and Bert's
+bidirectional); greedy generate with dynamic and static KV caches; torch.compile(fullgraph=True);
+the missing-mask trap; the fused forward's calling conventions (positional arguments,
+return_dict=False, logits_to_keep); apply's atomicity, save/from_pretrained, and the import without
+transformers.
 
 Equal means: float64 tight; float32 within a few times eager's own error (sdpa in fp32 against the
 fp64 reference). In fp64 the reference loss is the HF loss formula in fp64 (HF's ForCausalLMLoss
@@ -10,6 +13,10 @@ casts the logits to fp32 first), in fp32 it is HF's loss itself.
 """
 
 import copy
+import inspect
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +28,7 @@ transformers = pytest.importorskip(
 
 from transformers import (  # noqa: E402
     AttentionInterface,
+    AutoModelForCausalLM,
     BertConfig,
     BertForMaskedLM,
     DataCollatorWithFlattening,
@@ -31,6 +39,8 @@ from transformers import (  # noqa: E402
     LlamaForSequenceClassification,
     MistralConfig,
     MistralForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -237,6 +247,109 @@ def test_sequence_classification_loss():
     torch.testing.assert_close(o.loss, r.loss, rtol=1e-9, atol=1e-11)
 
 
+def test_masked_lm_loss_num_items_in_batch():
+    """ModernBert's masked-LM loss goes through model.loss_function (Bert's calls CrossEntropyLoss
+    itself, so its loss stays transformers' whatever apply does)."""
+    cfg = ModernBertConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        local_attention=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        cls_token_id=1,
+        sep_token_id=2,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    ref = ModernBertForMaskedLM(cfg).double()
+    ref.set_attn_implementation("sdpa")
+    ours = mkt.apply(copy.deepcopy(ref))
+    assert "loss" in mkt.applied(ours)
+    ids, mask, _ = batch("right")
+    labels = mlm_labels(ids, mask)
+    n = torch.tensor(5)
+    hf = ref.train()(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
+    expected = F.cross_entropy(hf.logits.reshape(-1, V), labels.reshape(-1), reduction="sum") / 5
+    out = ours.train()(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
+    torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(out.loss, hf.loss.double(), rtol=1e-6, atol=1e-7)  # HF's fp32 loss
+    direct = mkt.masked_lm_loss(hf.logits, labels, V, num_items_in_batch=n)
+    torch.testing.assert_close(direct, expected, rtol=1e-9, atol=1e-11)
+
+
+# --- the fused forward's calling conventions ------------------------------------------------------
+
+
+def test_fused_forward_binds_positional_arguments():
+    """Positional arguments are bound as the original forward binds them (GPT-2 has cache second),
+    so the fused head runs whenever labels are given."""
+    ids, mask, _ = batch("right")
+    labels = ids.masked_fill(mask == 0, -100)
+    for family, args, kwargs in (
+        ("llama", (ids, mask), dict(labels=labels)),
+        ("llama", (ids, mask, None, None, None, labels), {}),
+        ("gpt2", (ids, None, mask), dict(labels=labels)),
+    ):
+        _, ours = build(family, torch.float64)
+        expected = ours.train()(input_ids=ids, attention_mask=mask, labels=labels).loss
+        out = ours(*args, **kwargs)
+        assert out.logits is None, family  # the fused head, not the logits fallback
+        torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
+    with pytest.raises(TypeError):
+        ours(ids, attention_mask=mask, input_ids=ids, labels=labels)  # the original's own error
+
+
+def test_fused_forward_return_dict_false_keeps_the_logits_slot():
+    """transformers' tuple is (loss, logits, cache, ...): the fused head keeps None second."""
+    ids, mask, _ = batch("right")
+    labels = ids.masked_fill(mask == 0, -100)
+    ref, ours = build("llama", torch.float64)
+    for kwargs in (dict(return_dict=False), dict(return_dict=False, use_cache=False)):
+        expected = ref.train()(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+        got = ours.train()(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+        assert isinstance(got, tuple) and len(got) == len(expected) and got[1] is None
+        assert [type(x) for x in got[2:]] == [type(x) for x in expected[2:]]
+        torch.testing.assert_close(got[0], expected[0].double(), rtol=1e-6, atol=1e-7)  # HF's fp32 loss
+    # the config's return_dict decides when the call does not (transformers' can_return_tuple)
+    ours.config.return_dict = False
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert isinstance(got, tuple) and got[1] is None
+
+
+def test_fused_forward_logits_to_keep():
+    """logits_to_keep=k with labels for the last k positions, as transformers computes it."""
+    ids, mask, _ = batch("none")
+    labels = ids[:, -3:]
+    ref, ours = build("llama", torch.float64)
+    logits = ref.train()(input_ids=ids, attention_mask=mask).logits[:, -3:]
+    shift = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    expected = F.cross_entropy(logits.reshape(-1, V), shift.reshape(-1))
+    out = ours.train()(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=3)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-9, atol=1e-11)
+
+
+def test_fused_head_leaves_the_ignored_rows_to_the_op(monkeypatch):
+    """mk.linear_cross_entropy compacts the counted rows itself: the forward hands it every row."""
+    seen = []
+    real = mkt.linear_cross_entropy
+
+    def spy(hidden, weight, target, *args, **kwargs):
+        seen.append((hidden.shape[0], int((target == kwargs["ignore_index"]).sum())))
+        return real(hidden, weight, target, *args, **kwargs)
+
+    monkeypatch.setattr(mkt, "linear_cross_entropy", spy)
+    ids, mask, _ = batch("right")
+    _, ours = build("llama", torch.float64)
+    ours.train()(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    B, L = ids.shape
+    assert seen == [(B * L, B * L - int(mask.sum()) + B)]  # padding and each row's last position
+
+
 # --- packed batches -------------------------------------------------------------------------------
 
 
@@ -272,6 +385,28 @@ def test_packed_batch_matches_padded_sdpa(family, flash_kwargs):
     torch.testing.assert_close(out.loss, loss_ref.double(), rtol=1e-6, atol=1e-7)  # HF's fp32 loss
     for n, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_packed_bidirectional_matches_each_sequence_alone():
+    """Bert on DataCollatorWithFlattening(return_flash_attn_kwargs=True): each sequence attends to
+    itself only. sdpa is no oracle here (it attends across the row): each sequence run alone is."""
+    ids, _, lengths = batch("right")
+    ref, ours = build("bert", torch.float64)
+    packed = packed_from(ids, lengths, flash_kwargs=True)
+    labels = mlm_labels(packed["input_ids"], torch.ones_like(packed["input_ids"]))
+    packed["labels"] = labels
+    ref.train().zero_grad(set_to_none=True)
+    alone = [ref(input_ids=row[None, :n]).logits[0] for row, n in zip(ids, lengths.tolist(), strict=True)]
+    logits = torch.cat(alone)
+    loss = F.cross_entropy(logits, labels[0])
+    loss.backward()
+    ours.train().zero_grad(set_to_none=True)
+    out = ours(**packed)
+    out.loss.backward()
+    assert_close(out.logits[0], logits.detach(), torch.float64, what="logits")
+    assert_close(out.loss, loss.detach(), torch.float64, what="loss")
+    for (n, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        assert_close(q.grad, p.grad, torch.float64, what=f"grad {n}")
 
 
 def test_cu_seqlens_from_position_ids():
@@ -355,15 +490,31 @@ def test_prefix_lm_overlay_gets_the_full_mask():
 # --- generate, compile --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
-def test_greedy_generate_with_kv_cache_same_tokens(family):
-    """Left-padded prompts, a KV cache (Mistral's sliding cache outgrows its window of 4)."""
+GENERATE = [(f, "dynamic") for f in CAUSAL] + [(f, "static") for f in ("llama", "mistral", "qwen2")]
+
+
+@pytest.mark.parametrize("family, cache", GENERATE, ids=[f"{f}-{c}" for f, c in GENERATE])
+def test_greedy_generate_with_kv_cache_same_tokens(family, cache):
+    """Left-padded prompts, a KV cache (Mistral's sliding cache outgrows its window of 4). A static
+    cache makes generate() build the masks ahead of the forward, which passes them back through
+    create_*_mask: apply's create_masks_for_generate makes them tensors."""
     ids, mask, _ = batch("left", L=8)
     ref, ours = build(family, torch.float64)
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kwargs["cache_implementation"] = cache
     expected = ref.eval().generate(ids, **kwargs)
     got = ours.eval().generate(ids, **kwargs)
     assert torch.equal(got, expected)
+
+
+def test_static_cache_generate_with_register_alone_says_what_to_do():
+    ids, mask, _ = batch("left", L=8)
+    model = llama().eval()
+    model.set_attn_implementation(mkt.register())
+    with pytest.raises(AttributeError, match=r"apply\(model\)"):
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, cache_implementation="static"
+        )
 
 
 @pytest.mark.parametrize("case", ["padded", "packed"])
@@ -450,6 +601,11 @@ def test_apply_is_per_instance_idempotent_and_reversible():
     assert other.config._attn_implementation == "sdpa" and "forward" not in other.__dict__
     assert other.loss_function is loss_before and type(other.get_input_embeddings()) is torch.nn.Embedding
     assert type(model).forward is GPT2LMHeadModel.forward
+    # a deep copy is applied to itself, and unapplies cleanly
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone and clone.create_masks_for_generate.__self__ is clone
+    mkt.unapply(clone)
+    assert {"forward", "_loss_function", "create_masks_for_generate"}.isdisjoint(clone.__dict__)
     mkt.apply(model, attention=False)
     assert model.config._attn_implementation == "sdpa" and mkt.applied(model) == {
         "loss",
@@ -458,12 +614,101 @@ def test_apply_is_per_instance_idempotent_and_reversible():
     }
     mkt.unapply(model)
     assert mkt.applied(model) == frozenset()
-    assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
+    assert {"forward", "_loss_function", "create_masks_for_generate", "_maskkern_state"}.isdisjoint(
+        model.__dict__
+    )
     assert model.loss_function is loss_before
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
     assert model.lm_head.weight is model.get_input_embeddings().weight
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_apply_is_atomic():
+    """A part that fails puts back the parts changed before it: the model is as it was."""
+    torch.manual_seed(0)
+    model = llama()
+    model.set_attn_implementation("sdpa")
+    loss_before = model.loss_function
+
+    def as_it_was():
+        return (
+            model.config._attn_implementation == "sdpa"
+            and {"forward", "_loss_function", "create_masks_for_generate", "_maskkern_state"}.isdisjoint(
+                model.__dict__
+            )
+            and model.loss_function is loss_before
+            and type(model.get_input_embeddings()) is torch.nn.Embedding
+        )
+
+    def fail(*args):
+        raise RuntimeError("set_input_embeddings failed")
+
+    # the attention cannot be set (a model off AttentionInterface)
+    model.__dict__["_can_set_attn_implementation"] = lambda: False
+    with pytest.raises(NotImplementedError, match="AttentionInterface"):
+        mkt.apply(model)
+    del model.__dict__["_can_set_attn_implementation"]
+    assert as_it_was()
+    # the last part fails after the others were installed
+    model.__dict__["set_input_embeddings"] = fail
+    with pytest.raises(RuntimeError, match="set_input_embeddings failed"):
+        mkt.apply(model)
+    assert as_it_was()
+    # what an earlier call installed stays
+    del model.__dict__["set_input_embeddings"]
+    mkt.apply(model, pad_embedding=False)
+    model.__dict__["set_input_embeddings"] = fail
+    with pytest.raises(RuntimeError):
+        mkt.apply(model)
+    assert mkt.applied(model) == {"attention", "loss", "linear_cross_entropy"}
+
+
+def test_save_pretrained_then_from_pretrained_and_apply(tmp_path):
+    """What an applied model saves loads anywhere (nothing of maskkern in its config), and a model
+    from from_pretrained takes apply like one from from_config."""
+    ids, mask, _ = batch("right")
+    labels = ids.masked_fill(mask == 0, -100)
+    _, ours = build("llama", torch.float32)
+    ours.save_pretrained(tmp_path)
+    assert "maskkern" not in (tmp_path / "config.json").read_text()
+    loaded = mkt.apply(AutoModelForCausalLM.from_pretrained(tmp_path))
+    assert mkt.applied(loaded) == {"attention", "loss", "linear_cross_entropy", "pad_embedding"}
+    out, grads = step(loaded, ids, mask, labels)
+    expected, expected_grads = step(ours, ids, mask, labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert grads.keys() == expected_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], expected_grads[n], msg=n)
+
+
+def test_imports_without_transformers():
+    """The module imports without transformers; using it raises an ImportError naming it."""
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # as if not installed\n"
+        "import torch\n"
+        "import maskkern.integrations.transformers as mkt\n"
+        "for use in (mkt.register, lambda: mkt.apply(torch.nn.Linear(1, 1))):\n"
+        "    try:\n"
+        "        use()\n"
+        "    except ImportError as exc:\n"
+        "        print('ImportError:', exc)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and all(
+        line.startswith("ImportError:") and "transformers" in line for line in lines
+    )
+
+
+def test_no_private_registry_reads():
+    """transformers' registries are read through their public mapping API (``in``, ``[]``), never
+    their private ``_global_mapping``."""
+    assert "_global_mapping" not in inspect.getsource(mkt)
 
 
 def test_inference_forward_is_untouched():

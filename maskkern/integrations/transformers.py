@@ -20,7 +20,10 @@ What changes, per model instance (never a module's globals, never a class attrib
   one name: ``AttentionMaskInterface`` gets ``maskkern_mask`` and ``AttentionInterface`` gets
   ``maskkern_attention``. Both are needed: transformers hands an attention whose name has no mask
   function ``attention_mask=None``, and it would silently attend to the padding;
-  ``maskkern_attention`` refuses to run in that state.
+  ``maskkern_attention`` refuses to run in that state. ``apply`` also gives the instance a
+  ``create_masks_for_generate`` (the hook ``generate()`` looks up on the model) under which the mask
+  entry builds full tensors: for compileable (static) caches ``generate()`` builds the masks before
+  the forward, and the forward passes them back through ``create_*_mask``, which keeps only tensors.
 - ``loss``: ``model.loss_function`` = maskkern's ``ForCausalLMLoss``, ``ForMaskedLMLoss`` or
   ``ForSequenceClassificationLoss`` (the single-label case; regression and multi-label stay
   transformers'), same arguments (``num_items_in_batch``, ``shift_labels``, ``ignore_index``) on
@@ -28,9 +31,11 @@ What changes, per model instance (never a module's globals, never a class attrib
   downcast of fp64 ones).
 - ``linear_cross_entropy``: for the causal LMs whose head is a plain ``nn.Linear`` on the last hidden
   state (``LINEAR_CROSS_ENTROPY_MODELS``), the instance's ``forward`` (a ``types.MethodType`` in the
-  instance's ``__dict__``; deleting it restores the class's) runs, when training with ``labels``, the
-  base model and ``mk.linear_cross_entropy`` on the head's weight: the (N, V) logits are never
-  built and come back ``None``. Inference, and training without labels, call the original forward.
+  instance's ``__dict__``; deleting it restores the class's) runs, when training with ``labels``
+  (keyword or positional, bound as the original forward binds them), the base model and
+  ``mk.linear_cross_entropy`` on the head's weight: the (N, V) logits are never built and come back
+  ``None`` (with ``return_dict=False`` the tuple keeps that ``None`` second, where transformers has
+  the logits). Inference, and training without labels, call the original forward.
 - ``pad_embedding``: when the config has a pad token, the input embedding becomes
   ``mk.nn.PadEmbedding`` holding the same ``Parameter`` (tied heads stay tied; state_dict unchanged).
 
@@ -50,8 +55,15 @@ packed sequences (position_ids restarting, no       ``packed``: ``mk.varlen_atte
                                                     cu_seqlens of the position_ids (cu_seq_lens_q
                                                     are honoured with a cache too; position_ids
                                                     alone, as transformers has it, are not)
+packed bidirectional rows (Bert; no 2-D mask)       with ``cu_seq_lens_q/k`` in the attention's
+                                                    kwargs (DataCollatorWithFlattening(
+                                                    return_flash_attn_kwargs=True)): varlen, not
+                                                    causal. position_ids alone reach neither the
+                                                    attention nor transformers' bidirectional mask:
+                                                    the row is one sequence, as with sdpa
 anything else (prefix-LM and other overlays,        the full (B, 1, Lq, Lk) bool ``sdpa_mask``
-chunked attention, StaticCache offsets, ...)        (a plain tensor)
+chunked attention, StaticCache offsets, masks       (a plain tensor)
+``generate()`` builds ahead of the forward, ...)
 ==================================================  =================================================
 
 The pattern is read from what transformers passes the mask function (the identity of its plain
@@ -68,7 +80,9 @@ position biases, attention dropout > 0 (training with a dropout in the config).
 from __future__ import annotations
 
 import functools
+import inspect
 import types
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -92,8 +106,23 @@ LINEAR_CROSS_ENTROPY_MODELS = frozenset({"llama", "mistral", "qwen2", "gpt2"})
 _BUILTIN_NAMES = frozenset(
     {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}
 )
-_ABSENT = object()
+
+
+class _Absent:
+    """The sentinel for "not in the instance's __dict__"; copies and pickles as itself (a deep copy
+    of an applied model must still recognise it)."""
+
+    def __reduce__(self) -> str:
+        return "_ABSENT"
+
+
+_ABSENT = _Absent()
 _STATE = "_maskkern_state"
+
+# True while generate() builds masks ahead of the forward (apply's create_masks_for_generate): the
+# mask entry then returns full tensors. A module global, not thread-local: another thread building
+# a mask meanwhile gets the full one, which is exact too, and compiled code reads it with a guard.
+_FULL_MASKS = False
 
 
 _TF: types.SimpleNamespace | None = None
@@ -140,6 +169,17 @@ class MaskkernMask(NamedTuple):
     window: tuple[int, int] | None  # (left, right) around the causal diagonal; None = unbounded
     packed: bool  # sequences packed along each row: attention within each one only
 
+    @property
+    def ndim(self) -> int:
+        # transformers reads .ndim of a mask handed back to create_*_mask: only a mask generate()
+        # built ahead of the forward is, and apply() makes those full tensors.
+        raise AttributeError(
+            "a maskkern mask description was passed back to transformers' create_*_mask: generate() "
+            "with a compileable (static) cache builds the masks ahead of the forward, which needs "
+            "tensors. Call maskkern.integrations.transformers.apply(model) (it makes those masks full "
+            "tensors) rather than register() alone, or generate with a dynamic cache."
+        )
+
 
 def maskkern_mask(
     batch_size: int,
@@ -178,6 +218,8 @@ def maskkern_mask(
             config=config,
         )
 
+    if _FULL_MASKS:
+        return full()  # built ahead of the forward by generate(): a tensor (see _FULL_MASKS)
     if isinstance(q_offset, Tensor) or isinstance(kv_offset, Tensor):
         return full()  # StaticCache: a tensor offset and unfilled slots, only the full mask is exact
     # Query i is key index i + shift: causal is top-left at 0, bottom-right when the queries end at
@@ -242,16 +284,17 @@ def maskkern_attention(
     common = dict(scale=scaling, enable_gqa=gqa, backend=BACKEND)
     if isinstance(attention_mask, MaskkernMask):
         # DataCollatorWithFlattening's cu_seq_lens_q say the row is packed even where transformers
-        # did not detect it (it does not with a cache, e.g. use_cache=True while training).
+        # did not detect it: with a cache (e.g. use_cache=True while training) and in bidirectional
+        # models, whose masks transformers never builds per sequence (flash-attention's rule).
         flattened = (
             kwargs.get("cu_seq_lens_q") is not None
             and attention_mask.keys is None
-            and attention_mask.causal is True
+            and attention_mask.causal in (True, False)
             and B == 1
             and Lq == key.shape[2]
         )
         if attention_mask.packed or flattened:
-            return _packed_attention(query, key, value, attention_mask.window, kwargs, common), None
+            return _packed_attention(query, key, value, attention_mask, kwargs, common), None
         out = attention(
             query,
             key,
@@ -278,8 +321,7 @@ def maskkern_attention(
 def _check_features(module: nn.Module, dropout: float, kwargs: dict) -> None:
     config = getattr(module, "config", None)
     name = getattr(config, "_attn_implementation", None)
-    masks = _transformers().masking_utils.AttentionMaskInterface._global_mapping
-    if name is not None and name not in masks:
+    if name is not None and name not in _transformers().masking_utils.ALL_MASK_ATTENTION_FUNCTIONS:
         raise RuntimeError(
             f"maskkern attention runs as attn_implementation={name!r}, which has no "
             "AttentionMaskInterface entry: transformers would pass attention_mask=None and the "
@@ -302,9 +344,9 @@ def _check_features(module: nn.Module, dropout: float, kwargs: dict) -> None:
 
 
 def _packed_attention(
-    query: Tensor, key: Tensor, value: Tensor, window, kwargs: dict, common: dict
+    query: Tensor, key: Tensor, value: Tensor, mask: MaskkernMask, kwargs: dict, common: dict
 ) -> Tensor:
-    """Packed rows through varlen_attention: (B, Lq, Hq, Dv)."""
+    """Packed rows through varlen_attention, causal or not as ``mask`` says: (B, Lq, Hq, Dv)."""
     B, Hq, L, _ = query.shape
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is not None and B == 1:
@@ -332,8 +374,8 @@ def _packed_attention(
         cu_k,
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
-        causal=True,
-        window=window,
+        causal=mask.causal,
+        window=mask.window,
         **common,
     )
     return out.view(B, L, Hq, out.shape[-1])
@@ -384,9 +426,17 @@ def _cross_entropy(
     logits: Tensor, target: Tensor, num_items_in_batch: Any = None, ignore_index: int = -100
 ) -> Tensor:
     """transformers' ``fixed_cross_entropy``: mean, or sum / num_items_in_batch."""
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = masked_cross_entropy(
+        logits, target, ignore_index=ignore_index, reduction=reduction, backend=BACKEND
+    )
+    return _per_item(loss, num_items_in_batch)
+
+
+def _per_item(loss: Tensor, num_items_in_batch: Any) -> Tensor:
+    """A "mean" loss as it is, a "sum" one / num_items_in_batch (when given)."""
     if num_items_in_batch is None:
-        return masked_cross_entropy(logits, target, ignore_index=ignore_index, backend=BACKEND)
-    loss = masked_cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum", backend=BACKEND)
+        return loss
     if isinstance(num_items_in_batch, Tensor):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
@@ -472,38 +522,56 @@ def supports_linear_cross_entropy(model: nn.Module) -> bool:
 
 
 def _head_loss(hidden: Tensor, head: nn.Linear, target: Tensor, num_items_in_batch: Any, ignore_index: int):
-    """``causal_lm_loss(head(hidden), ...)`` without the logits: mk.linear_cross_entropy."""
+    """``causal_lm_loss(head(hidden), ...)`` without the logits: mk.linear_cross_entropy, which
+    computes only the counted rows (it compacts them itself; ignored rows get zero gradient)."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    t = target.reshape(-1).to(h.device)
-    if not torch.compiler.is_compiling():
-        # Only the counted rows go through the head (a data-dependent size: not under compile).
-        keep = (t != ignore_index).nonzero().squeeze(1)
-        h, t = h.index_select(0, keep), t.index_select(0, keep)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(
-        h, head.weight, t, head.bias, ignore_index=ignore_index, reduction=reduction, backend=BACKEND
+        h,
+        head.weight,
+        target.reshape(-1).to(h.device),
+        head.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=BACKEND,
     )
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return _loss_dtype(loss)
+    return _loss_dtype(_per_item(loss, num_items_in_batch))
 
 
-def _linear_cross_entropy_forward(self, *args: Any, **kwargs: Any):
-    """The instance's forward with the fused head: training with ``labels`` (keyword), the base
-    model then ``mk.linear_cross_entropy`` (logits None); everything else, the original forward."""
-    original = getattr(self, _STATE)["forward"]
-    if not (self.training and kwargs.get("labels") is not None) or len(args) > 1:
+class _Installed(NamedTuple):
+    """An attribute ``apply`` set in a model instance's ``__dict__``."""
+
+    previous: Any  # the instance's own value before, or _ABSENT (the class's then shows through)
+    original: Any  # what the attribute gave before: what the installed one falls back on
+
+
+def _positional_names(function: Callable) -> tuple[str, ...]:
+    """The names ``function`` binds positional arguments to, in order."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds)
+
+
+def _linear_cross_entropy_forward(self, names: tuple[str, ...], args: tuple, kwargs: dict):
+    """The instance's forward with the fused head: training with ``labels``, the base model then
+    ``mk.linear_cross_entropy`` (logits None); everything else, the original forward. Positional
+    arguments are bound to ``names``, the original forward's parameters, as it would bind them."""
+    original = getattr(self, _STATE)["forward"].original
+    bound = dict(zip(names, args, strict=False))  # the names past args: not given
+    if len(args) > len(names) or any(name in kwargs for name in bound):
+        return original(*args, **kwargs)  # not bindable: the original's own TypeError
+    bound.update(kwargs)
+    if not (self.training and bound.get("labels") is not None):
         return original(*args, **kwargs)
     tf = _transformers()
-    labels = kwargs.pop("labels")
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
-    logits_to_keep = kwargs.pop("logits_to_keep", 0)
-    return_dict = kwargs.pop("return_dict", None)
-    outputs = self.base_model(*args, **kwargs)
+    labels = bound.pop("labels")
+    num_items_in_batch = bound.pop("num_items_in_batch", None)
+    shift_labels = bound.pop("shift_labels", None)
+    ignore_index = bound.pop("ignore_index", -100)
+    logits_to_keep = bound.pop("logits_to_keep", 0)
+    return_dict = bound.pop("return_dict", None)
+    if return_dict is None:  # transformers' can_return_tuple: the config decides
+        return_dict = getattr(self.config, "return_dict", True)
+    outputs = self.base_model(**bound, return_dict=True)
     hidden = outputs[0]
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         hidden = tf.modeling_utils.slice_logits_to_keep(hidden, logits_to_keep)
@@ -517,17 +585,35 @@ def _linear_cross_entropy_forward(self, *args: Any, **kwargs: Any):
         hidden_states=getattr(outputs, "hidden_states", None),
         attentions=getattr(outputs, "attentions", None),
     )
-    return out.to_tuple() if return_dict is False else out
+    if return_dict:
+        return out
+    # to_tuple() leaves the None logits out; transformers' tuple has them second (Liger keeps a None).
+    return (loss, None, *out.to_tuple()[1:])
 
 
-def _forward_like(original):
-    """_linear_cross_entropy_forward with ``original``'s name, doc and signature: generate() and
+def _forward_like(function: Callable, names: tuple[str, ...]):
+    """_linear_cross_entropy_forward with ``function``'s name, doc and signature: generate() and
     Trainer read the forward's signature (e.g. to decide whether to pass position_ids)."""
 
     def forward(self, *args: Any, **kwargs: Any):
-        return _linear_cross_entropy_forward(self, *args, **kwargs)
+        return _linear_cross_entropy_forward(self, names, args, kwargs)
 
-    return functools.update_wrapper(forward, original)
+    return functools.update_wrapper(forward, function)
+
+
+def _create_masks_for_generate(self, *args: Any, **kwargs: Any):
+    """The model's ``create_masks_for_generate`` (generate() looks it up on the instance) with the
+    mask entry building full tensors: generate() builds the masks of compileable caches before the
+    forward, which passes them back through ``create_*_mask``, and that keeps only tensors."""
+    global _FULL_MASKS
+    previous, _FULL_MASKS = _FULL_MASKS, True
+    original = getattr(self, _STATE)["masks_for_generate"].original
+    if original is None:  # generate()'s own fallback
+        original = _transformers().masking_utils.create_masks_for_generate
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _FULL_MASKS = previous
 
 
 # --- apply --------------------------------------------------------------------------------------
@@ -548,48 +634,60 @@ def apply(
     earlier call installed (``unapply`` = all False). ``linear_cross_entropy`` applies to the models
     of ``LINEAR_CROSS_ENTROPY_MODELS`` (elsewhere it is left out; ``applied(model)`` says what is
     in); ``loss`` to the cross-entropy losses transformers maps by loss_type; ``pad_embedding`` to a
-    plain nn.Embedding input embedding when the config has a pad token.
+    plain nn.Embedding input embedding when the config has a pad token. Atomic: when a part fails,
+    the parts changed before it are put back and the model is as it was.
     """
     _transformers()
-    state = model.__dict__.setdefault(_STATE, {})
-    # attention
-    if attention and "attention" not in state:
+    state = dict(model.__dict__.get(_STATE, {}))  # committed only once every part succeeded
+    undo: list[Callable[[], None]] = []
+    try:
+        _apply_attention(model, attention, name, state, undo)
+        if loss and "loss" not in state:
+            ours = _maskkern_loss_for(model.loss_function)
+            if ours is not None:
+                _install(model, "_loss_function", ours, "loss", state, undo)
+        elif not loss and "loss" in state:
+            _uninstall(model, "_loss_function", "loss", state, undo)
+        if linear_cross_entropy and "forward" not in state and supports_linear_cross_entropy(model):
+            names = _positional_names(model.forward)
+            forward = types.MethodType(_forward_like(type(model).forward, names), model)
+            _install(model, "forward", forward, "forward", state, undo)
+        elif not linear_cross_entropy and "forward" in state:
+            _uninstall(model, "forward", "forward", state, undo)
+        _apply_pad_embedding(model, pad_embedding, state, undo)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    if state:
+        model.__dict__[_STATE] = state
+    else:
+        model.__dict__.pop(_STATE, None)
+    return model
+
+
+def _apply_attention(model: nn.Module, on: bool, name: str, state: dict, undo: list) -> None:
+    if on and "attention" not in state:
         register(name)
         previous = model.config._attn_implementation
+        undo.append(lambda: model.set_attn_implementation(previous))  # first: set may fail midway
         model.set_attn_implementation(name)
         if model.config._attn_implementation != name:
             raise NotImplementedError(
                 f"{type(model).__name__} does not take its attention from transformers' AttentionInterface"
             )
         state["attention"] = previous
-    elif not attention and "attention" in state:
+        masks = types.MethodType(_create_masks_for_generate, model)
+        _install(model, "create_masks_for_generate", masks, "masks_for_generate", state, undo)
+    elif not on and "attention" in state:
+        current = model.config._attn_implementation
+        undo.append(lambda: model.set_attn_implementation(current))
         model.set_attn_implementation(state.pop("attention"))
-    # loss
-    if loss and "loss" not in state:
-        ours = _maskkern_loss_for(model.loss_function)
-        if ours is not None:
-            state["loss"] = model.__dict__.get("_loss_function", _ABSENT)
-            model.loss_function = ours
-    elif not loss and "loss" in state:
-        previous = state.pop("loss")
-        if previous is _ABSENT:
-            del model.__dict__["_loss_function"]
-        else:
-            model.loss_function = previous
-    # the fused head
-    if linear_cross_entropy and "forward" not in state and supports_linear_cross_entropy(model):
-        state["instance_forward"] = model.__dict__.get("forward", _ABSENT)
-        state["forward"] = model.forward  # what runs when the fused head does not apply
-        model.forward = types.MethodType(_forward_like(type(model).forward), model)
-    elif not linear_cross_entropy and "forward" in state:
-        del state["forward"]
-        previous = state.pop("instance_forward")
-        if previous is _ABSENT:
-            del model.__dict__["forward"]
-        else:
-            model.forward = previous
-    # the input embedding
-    if pad_embedding and "embedding" not in state:
+        _uninstall(model, "create_masks_for_generate", "masks_for_generate", state, undo)
+
+
+def _apply_pad_embedding(model: nn.Module, on: bool, state: dict, undo: list) -> None:
+    if on and "embedding" not in state:
         embedding = model.get_input_embeddings()
         if (
             getattr(model.config, "pad_token_id", None) is not None
@@ -597,12 +695,32 @@ def apply(
             and not embedding.sparse
         ):
             model.set_input_embeddings(_pad_embedding_like(embedding))
+            undo.append(lambda: model.set_input_embeddings(embedding))
             state["embedding"] = embedding
-    elif not pad_embedding and "embedding" in state:
+    elif not on and "embedding" in state:
+        current = model.get_input_embeddings()
         model.set_input_embeddings(state.pop("embedding"))
-    if not state:
-        del model.__dict__[_STATE]
-    return model
+        undo.append(lambda: model.set_input_embeddings(current))
+
+
+def _install(model: nn.Module, attr: str, value: Any, key: str, state: dict, undo: list) -> None:
+    """Sets ``attr`` in the instance's ``__dict__``, remembering in ``state[key]`` what was there."""
+    state[key] = _Installed(model.__dict__.get(attr, _ABSENT), getattr(model, attr, None))
+    undo.append(functools.partial(_put, model, attr, state[key].previous))
+    _put(model, attr, value)
+
+
+def _uninstall(model: nn.Module, attr: str, key: str, state: dict, undo: list) -> None:
+    """Puts back what ``_install`` found in the instance's ``__dict__``."""
+    undo.append(functools.partial(_put, model, attr, model.__dict__.get(attr, _ABSENT)))
+    _put(model, attr, state.pop(key).previous)
+
+
+def _put(model: nn.Module, attr: str, value: Any) -> None:
+    if value is _ABSENT:
+        model.__dict__.pop(attr, None)
+    else:
+        model.__dict__[attr] = value
 
 
 def unapply(model: nn.Module) -> nn.Module:
