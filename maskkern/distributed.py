@@ -1136,6 +1136,21 @@ def _rules():
                 out.append((outs, [Shard(d), R, Shard(d), opt(bias, R), *tail]))
         return out
 
+    def linear_cross_entropy_scale(grad_hidden, grad_weight, grad_bias, grad_loss):
+        # Each gradient times a replicated scalar keeps its placement: the linear op's outputs
+        # (grad_hidden sharded with the tokens, the head's gradients Partial) or replicated.
+        out = []
+        for ph in [R] + [Shard(d) for d in range(grad_hidden.ndim)]:
+            for pw in (R, Partial()):
+                for pb in (R, Partial()):
+                    out.append(([ph, pw, pb], [ph, pw, pb, R]))
+        return out
+
+    def linear_cross_entropy_scale_(grad_hidden, grad_weight, grad_bias, grad_loss):
+        return [
+            ([], ins) for _, ins in linear_cross_entropy_scale(grad_hidden, grad_weight, grad_bias, grad_loss)
+        ]
+
     def linear_cross_entropy_backward(grad_loss, hidden, weight, target, bias, *rest):
         tail = [None] * len(rest)
         need_h, need_w, need_b = rest[-4:-1]
@@ -1157,6 +1172,8 @@ def _rules():
         "masked_cross_entropy_backward_": masked_cross_entropy_backward_,
         "linear_cross_entropy": linear_cross_entropy,
         "linear_cross_entropy_backward": linear_cross_entropy_backward,
+        "linear_cross_entropy_scale": linear_cross_entropy_scale,
+        "linear_cross_entropy_scale_": linear_cross_entropy_scale_,
     }
 
 

@@ -159,6 +159,11 @@ def test_opcheck(backend, device):
     grad = torch.randn(B, T, device=device)
     args = (grad, hidden, weight, target, b, -100, 0.0, 0.0, 4, True, True, True, backend)
     torch.library.opcheck(torch.ops.maskkern.linear_cross_entropy_backward.default, args)
+    # the "sum"/"mean" backward ops (an absent gradient is an empty tensor)
+    for grad_loss in (torch.tensor(0.5, device=device), torch.tensor(1.0, device=device)):
+        args = (hidden.clone(), weight.clone(), hidden.new_empty(0), grad_loss)
+        torch.library.opcheck(torch.ops.maskkern.linear_cross_entropy_scale.default, args)
+        torch.library.opcheck(torch.ops.maskkern.linear_cross_entropy_scale_.default, args)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -88,6 +88,68 @@ def check_z_loss(value: object) -> float:
     return value
 
 
+def check_target_mask(mask: object, target: Tensor) -> None:
+    """A cross-entropy ``mask``: None, or bool of target's shape on its device (True = counts)."""
+    if mask is None:
+        return
+    check_tensor(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = the target counts), got dtype {mask.dtype}")
+    check_same_device(mask, "mask", target, "target")
+    if mask.shape != target.shape:
+        raise ValueError(f"mask must have target's shape {tuple(target.shape)}, got {tuple(mask.shape)}")
+
+
+def check_linear_cross_entropy_args(
+    hidden: object,
+    weight: object,
+    target: object,
+    bias: object,
+    ignore_index: object,
+    reduction: object,
+    label_smoothing: object,
+    z_loss: object,
+    chunk_size: object,
+    vocab: str = "V",
+) -> tuple[float, float]:
+    """The argument checks of ``linear_cross_entropy`` and of its vocab-parallel form, whose weight
+    is a rank's slice (``vocab`` names weight's rows in the messages: "V" or "V_r"). Returns
+    (label_smoothing, z_loss) as floats."""
+    check_tensor(hidden, "hidden")
+    check_dtype(hidden, "hidden", FLOAT_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be (..., H), got a 0-d tensor")
+    check_tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be ({vocab}, {hidden.shape[-1]}) = ({vocab}, H), got {tuple(weight.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {t.dtype}")
+        check_same_device(t, name, hidden, "hidden")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) = ({vocab},), got {tuple(bias.shape)}")
+    check_tensor(target, "target")
+    check_index_dtype(target, "target")
+    check_same_device(target, "target", hidden, "hidden")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"target must have shape {tuple(hidden.shape[:-1])} = hidden.shape[:-1], "
+            f"got {tuple(target.shape)}"
+        )
+    check_int(ignore_index, "ignore_index")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_reduction(reduction)
+    return check_label_smoothing(label_smoothing), check_z_loss(z_loss)
+
+
 # --- checks that read tensor values: called inside the custom ops, where a data-dependent check
 # does not break a torch.compile graph (on CUDA each synchronises with the host) ----------------
 

@@ -6,8 +6,10 @@ them: they are gathered in chunks, a chunk's logits come from a torch matmul, th
 masked_cross_entropy row kernel turns them into the loss and — in place, the chunk buffer is ours —
 into their gradient, and torch matmuls fold that into grad_hidden (scattered back to the chunk's
 rows; ignored rows get exact zeros), grad_weight and grad_bias. With "sum" and "mean" the gradients
-are computed during the forward pass (for a unit incoming gradient) and backward only scales them;
-with "none" the per-token incoming gradient is only known in backward, which recomputes the chunks
+are computed during the forward pass (for a unit incoming gradient) and backward only scales them,
+through a backward op as in ``masked_cross_entropy``: ``maskkern::linear_cross_entropy_scale_`` in
+place, or ``maskkern::linear_cross_entropy_scale`` out of place when the graph is kept or traced.
+With "none" the per-token incoming gradient is only known in backward, which recomputes the chunks
 (``maskkern::linear_cross_entropy_backward``). The matmuls are torch's, so every backend works
 wherever its row kernel does.
 
@@ -23,14 +25,9 @@ from torch import Tensor, nn
 
 from .._backend import resolve_backend
 from ._common import (
-    FLOAT_DTYPES,
-    check_dtype,
-    check_index_dtype,
-    check_int,
     check_label_smoothing,
+    check_linear_cross_entropy_args,
     check_reduction,
-    check_same_device,
-    check_tensor,
     check_z_loss,
     compute_dtype,
     graph_is_kept,
@@ -78,38 +75,9 @@ def linear_cross_entropy(
     Returns:
         The loss in hidden's dtype: a scalar, or target's shape for reduction="none".
     """
-    check_tensor(hidden, "hidden")
-    check_dtype(hidden, "hidden", FLOAT_DTYPES)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must be (..., H), got a 0-d tensor")
-    check_tensor(weight, "weight")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be (V, {hidden.shape[-1]}) = (V, H), got {tuple(weight.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        check_tensor(t, name)
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {t.dtype}")
-        check_same_device(t, name, hidden, "hidden")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) = (V,), got {tuple(bias.shape)}")
-    check_tensor(target, "target")
-    check_index_dtype(target, "target")
-    check_same_device(target, "target", hidden, "hidden")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"target must have shape {tuple(hidden.shape[:-1])} = hidden.shape[:-1], "
-            f"got {tuple(target.shape)}"
-        )
-    check_int(ignore_index, "ignore_index")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_reduction(reduction)
-    label_smoothing = check_label_smoothing(label_smoothing)
-    z_loss = check_z_loss(z_loss)
+    label_smoothing, z_loss = check_linear_cross_entropy_args(
+        hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+    )
     backend = resolve_backend(backend, hidden.device, "hidden")
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
@@ -332,6 +300,41 @@ def _(
     )
 
 
+@torch.library.custom_op("maskkern::linear_cross_entropy_scale", mutates_args=())
+def _linear_cross_entropy_scale_op(
+    grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor, grad_loss: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of "sum"/"mean": the gradients saved by the forward (each empty when not needed)
+    times the incoming gradient, a scalar, out of place, so that they stay valid for another
+    backward through the same graph (retain_graph, gradcheck) or a traced one (torch.compile)."""
+    return grad_hidden * grad_loss, grad_weight * grad_loss, grad_bias * grad_loss
+
+
+@_linear_cross_entropy_scale_op.register_fake
+def _(grad_hidden, grad_weight, grad_bias, grad_loss):
+    return torch.empty_like(grad_hidden), torch.empty_like(grad_weight), torch.empty_like(grad_bias)
+
+
+@torch.library.custom_op(
+    "maskkern::linear_cross_entropy_scale_", mutates_args=("grad_hidden", "grad_weight", "grad_bias")
+)
+def _linear_cross_entropy_scale_inplace_op(
+    grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor, grad_loss: Tensor
+) -> None:
+    """The same in place, when the graph is freed after this backward (the saved gradients are no
+    one else's): fwd+bwd hold no second copy of them. A unit incoming gradient (loss.backward()
+    of a CPU loss) leaves them as they are."""
+    if grad_loss.device.type == "cpu" and bool(grad_loss == 1):
+        return
+    for g in (grad_hidden, grad_weight, grad_bias):
+        g.mul_(grad_loss)
+
+
+@_linear_cross_entropy_scale_inplace_op.register_fake
+def _(grad_hidden, grad_weight, grad_bias, grad_loss):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk, nh, nw, nb, backend = (
         inputs
@@ -359,11 +362,9 @@ def _backward(ctx, grad_loss, *_unused_grads):
     else:
         grads = ctx.saved_tensors
         if is_traced(grad_loss) or graph_is_kept():
-            grads = [g * grad_loss for g in grads]
-        elif not (grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
-            # The graph is freed after this: the saved gradients are ours to scale in place.
-            for g in grads:
-                g.mul_(grad_loss)
+            grads = torch.ops.maskkern.linear_cross_entropy_scale(*grads, grad_loss)
+        else:  # the graph is freed after this: the saved gradients are ours to scale in place
+            torch.ops.maskkern.linear_cross_entropy_scale_(*grads, grad_loss)
     need = ctx.needs_input_grad
     gh, gw, gb = (g if n else None for g, n in zip(grads, (need[0], need[1], need[3]), strict=True))
     return gh, gw, None, gb, *(None,) * 9
