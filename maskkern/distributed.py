@@ -11,11 +11,14 @@ head's weight rows) of a rank are its slice; targets are global class ids, the s
 Algorithm of ``vocab_parallel_cross_entropy`` (per row i, ε = label_smoothing, w the class weights,
 1 without, W = Σ w, V = Σ V_r):
 
-1. One all-gather of each rank's shapes, options and a fingerprint of the targets, so that a bad
-   input (ranks disagreeing on N, the targets or an option, a target outside [0, V), class weights
-   that are neither the slice nor the whole vocabulary) raises the same clear error on every rank
-   instead of hanging a collective; a rank whose own argument checks fail reports it through the
-   same gather (its message then goes to every rank).
+1. One all-gather of each rank's shapes, device type, options, two polynomial hashes of the
+   targets (and of the mask) and the range of its counted targets, so that a bad input (ranks
+   disagreeing on N, the targets or an option, a target outside [0, V), class weights that are
+   neither the slice nor the whole vocabulary) raises the same clear error on every rank instead of
+   hanging a collective: every check that can raise is decided from the gathered table alone. A
+   rank whose own argument checks fail reports it through the same gather (its message then goes
+   to every rank). The gather runs on the group's device (CPU for gloo, the current GPU for NCCL),
+   whatever a rank's inputs are.
 2. maskkern's fused row kernel on the local slice, in one pass: the local logsumexp lse_r and,
    when the logits need a gradient, the local softmax minus a one-hot, p_r - e_k (k = the local
    target column on its owner, column 0 elsewhere), into the one logits-sized buffer.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 
 import torch
 from torch import Tensor
@@ -52,8 +56,10 @@ from .ops._common import (
     check_index_dtype,
     check_int,
     check_label_smoothing,
+    check_linear_cross_entropy_args,
     check_reduction,
     check_same_device,
+    check_target_mask,
     check_tensor,
     check_z_loss,
     compute_dtype,
@@ -90,10 +96,17 @@ def _all_gather(out: Tensor, x: Tensor, group=None, async_op: bool = False):
 
 
 # --- step 1: the agreement check -----------------------------------------------------------------
+#
+# The invariant: every check that can raise on one rank is decided from data that all ranks have
+# exchanged, so that all of them raise together and none is left waiting in a collective. A rank's
+# own argument checks go through the gather as an error flag; everything after it (the layout, the
+# target range) is decided from the gathered table alone.
 
 # Fields of the metadata every rank all-gathers first (int64 each).
 _FIELDS = (
     "error",
+    "position",  # the DTensor mesh coordinate of the rank, else its group rank
+    "device",
     "rows",
     "vocab",
     "dtype",
@@ -103,9 +116,11 @@ _FIELDS = (
     "ignore_index",
     "smoothing",
     "z_loss",
-    "target_sum",
-    "target_mix",
-    "mask_mix",
+    "target_hash",
+    "target_hash2",
+    "target_low",
+    "target_high",
+    "mask_hash",
     "vocab_size",
     "hidden",
     "hidden_sum",
@@ -114,17 +129,31 @@ _FIELDS = (
     "chunk",
 )
 _DTYPE_CODES = {dt: i for i, dt in enumerate(FLOAT_DTYPES)}
+# Two polynomial hashes modulo primes below 2^31 (so that products fit in int64): ranks holding
+# different targets or masks get equal hashes by accident with odds of about N / 2^31 each.
+_HASHES = ((2_147_483_647, 1_000_003), (2_147_483_629, 48_271))
+_NO_TARGET = (2**63 - 1, -1)  # (low, high) of a rank with no counted target: nothing out of range
 
 
 def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _fingerprint(x: Tensor) -> tuple[int, int]:
-    """Two order-sensitive sums of an integer tensor: ranks holding different targets disagree."""
-    t = x.reshape(-1).long()
-    mix = (torch.arange(t.numel(), device=t.device) % 1009 + 1) * (t + 7)
-    return int(t.sum()), int(mix.sum())
+def _bits_float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", b))[0]
+
+
+def _hash(x: Tensor, prime: int, base: int) -> Tensor:
+    """Σ_i (x_i mod prime)·base^i over the flattened integer tensor, each term mod prime: a 0-d
+    int64 tensor on x's device (no host synchronisation)."""
+    v = x.reshape(-1).long().remainder(prime)
+    i = torch.arange(v.numel(), device=v.device)
+    power = torch.ones_like(i)
+    b = base
+    for bit in range(max(v.numel() - 1, 0).bit_length()):  # base^i by squaring, vectorised over i
+        power = torch.where((i >> bit) & 1 == 1, power * b % prime, power)
+        b = b * b % prime
+    return (v * power % prime).sum()
 
 
 def _group_info(group) -> tuple[int, int]:
@@ -135,13 +164,31 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _agree(name: str, meta: dict[str, int], error: BaseException | None, group, device) -> list[dict]:
-    """All-gathers ``meta`` (one collective); raises the same error on every rank when a rank's own
-    checks failed (``error``) or the ranks disagree. Returns every rank's metadata."""
+def _agreement_device(backend: str) -> torch.device:
+    """The device of the agreement gather for a group of ``backend`` (dist.get_backend's string):
+    CPU when the group takes CPU tensors (gloo, a "cpu:gloo,cuda:nccl" group), else the backend's
+    accelerator (nccl: the current CUDA device). It never depends on a rank's inputs: a rank whose
+    logits are not even a tensor must meet the others on the same backend."""
+    backend = backend.lower()
+    if ":" in backend:
+        kinds = [pair.split(":")[0] for pair in backend.split(",")]
+    else:
+        kinds = dist.Backend.backend_capability.get(backend, ["cpu"])
+    return torch.device("cpu" if "cpu" in kinds else kinds[0])
+
+
+def _agree(name: str, meta: dict, error: BaseException | None, group) -> list[dict]:
+    """All-gathers ``meta`` (ints, or 0-d int64 tensors on the inputs' device; one collective);
+    raises the same error on every rank when a rank's own checks failed (``error``) or the ranks
+    disagree. Returns every rank's metadata, in group-rank order."""
     _rank, world = _group_info(group)
-    row = torch.tensor([int(meta.get(f, -1)) for f in _FIELDS], dtype=torch.int64)
-    row[0] = error is not None
-    row = row.to(device)
+    device = _agreement_device(str(dist.get_backend(group)))
+    values = [meta.get(f, -1) for f in _FIELDS]
+    values[0] = int(error is not None)
+    row = torch.tensor([v if isinstance(v, int) else 0 for v in values], dtype=torch.int64).to(device)
+    computed = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
+    if computed:
+        row[computed] = torch.stack([values[i].to(device) for i in computed])
     out = torch.empty(world * len(_FIELDS), dtype=torch.int64, device=device)
     _all_gather(out, row, group=group)
     table = out.view(world, len(_FIELDS)).tolist()
@@ -166,6 +213,7 @@ def _agree(name: str, meta: dict[str, int], error: BaseException | None, group, 
                 f"{name}: every rank must pass the same {what}, got {shown} on ranks 0..{world - 1}"
             )
 
+    same("device", "device type (of logits / hidden)")
     same("rows", "number of rows N (target.numel())")
     same("dtype", "logits dtype")
     same("reduction", "reduction")
@@ -173,37 +221,52 @@ def _agree(name: str, meta: dict[str, int], error: BaseException | None, group, 
     same("smoothing", "label_smoothing")
     same("z_loss", "z_loss")
     same("has_mask", "mask (given or not)")
-    same("target_sum", "target (global class ids, identical on every rank)")
-    same("target_mix", "target (global class ids, identical on every rank)")
-    same("mask_mix", "mask (identical on every rank)")
+    same("target_hash", "target (global class ids, identical on every rank)")
+    same("target_hash2", "target (global class ids, identical on every rank)")
+    same("mask_hash", "mask (identical on every rank)")
     same("vocab_size", "vocab_size")
     same("hidden", "hidden size H")
     sums = [(_bits_float(m["hidden_sum"]), _bits_float(m["hidden_abs"])) for m in metas]
     if any(abs(s - sums[0][0]) > 1e-9 * max(a, sums[0][1]) + 1e-300 for s, a in sums):
         raise ValueError(
-            f"{name}: hidden must be replicated (identical on every rank); its sums differ: "
-            f"{[s for s, _ in sums]}"
+            f"{name}: hidden must be replicated (identical on every rank); its sums over a sample "
+            f"differ: {[s for s, _ in sums]}"
         )
     same("needs", "requires_grad flags of hidden / weight / bias")
     same("chunk", "chunk_size")
     if len({m["weight_len"] >= 0 for m in metas}) > 1:
         raise ValueError(f"{name}: weight must be given on every rank or on none")
+    coordinates = [m["position"] for m in metas]
+    if coordinates != list(range(world)):
+        # DTensor (torch 2.13) scatters and gathers a mesh dim's shards in the group's rank order
+        # but computes their offsets from the mesh coordinates: the order of the vocabulary is
+        # ambiguous (and an uneven split's data is not even where its offsets say).
+        raise ValueError(
+            f"{name}: the DTensor's 1-D mesh lists its ranks out of order (mesh coordinates "
+            f"{coordinates} on group ranks 0..{world - 1}); build the mesh with its ranks in ascending "
+            "order, or pass the local slices and group="
+        )
     return metas
 
 
-def _bits_float(b: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", b))[0]
-
-
-def _layout(name: str, metas: list[dict], rank: int, vocab_size: int | None) -> tuple[int, int, int, str]:
+def _layout(
+    name: str, metas: list[dict], rank: int, vocab_size: int | None, ignore_index: int
+) -> tuple[int, int, int, str]:
     """(V, offset of this rank's slice, V_r, weight kind "none" / "full" / "local") from the
-    gathered metadata, with the checks that need the whole group."""
+    gathered metadata, with the checks that need the whole group: decided from the table alone,
+    the same on every rank."""
     sizes = [m["vocab"] for m in metas]
     total = sum(sizes)
     if vocab_size is not None and total != vocab_size:
         raise ValueError(
             f"{name}: the vocabulary slices {sizes} (ranks 0..{len(sizes) - 1}) add up to {total}, "
             f"not vocab_size={vocab_size}"
+        )
+    low, high = min(m["target_low"] for m in metas), max(m["target_high"] for m in metas)
+    if low < 0 or high >= total:
+        raise IndexError(
+            f"{name}: target must be in [0, {total}) (the whole vocabulary, summed over the group) "
+            f"or ignore_index ({ignore_index}), got {low if low < 0 else high}"
         )
     offset = sum(sizes[:rank])
     lengths = [m["weight_len"] for m in metas]
@@ -221,14 +284,25 @@ def _layout(name: str, metas: list[dict], rank: int, vocab_size: int | None) -> 
     return total, offset, sizes[rank], kind
 
 
-def _check_targets(name: str, t: Tensor, valid: Tensor, total: int, ignore_index: int) -> None:
-    bad = valid & ((t < 0) | (t >= total))
-    if t.numel() and bool(bad.any()):
-        value = int(t[bad][0])
-        raise IndexError(
-            f"{name}: target must be in [0, {total}) (the whole vocabulary, summed over the group) "
-            f"or ignore_index ({ignore_index}), got {value}"
-        )
+def _target_meta(target: Tensor, valid: Tensor, mask: Tensor | None) -> dict:
+    """The targets' hashes and the range of the counted ones (0-d tensors: read after the gather)."""
+    t = target.reshape(-1)
+    if t.numel():
+        low = torch.where(valid, t, _NO_TARGET[0]).min()
+        high = torch.where(valid, t, _NO_TARGET[1]).max()
+    else:
+        low, high = _NO_TARGET
+    return dict(
+        target_hash=_hash(t, *_HASHES[0]),
+        target_hash2=_hash(t, *_HASHES[1]),
+        target_low=low,
+        target_high=high,
+        mask_hash=-1 if mask is None else _hash(mask, *_HASHES[0]),
+    )
+
+
+def _device_code(device: torch.device) -> int:
+    return zlib.crc32(device.type.encode())
 
 
 # --- steps 2-4: per-row statistics and the gradient ----------------------------------------------
@@ -270,10 +344,11 @@ class _Rows:
         )
         return out
 
-    def local_pass(self, kernel, x: Tensor, rows: slice, grad: Tensor | None):
+    def local_pass(self, kernel, x: Tensor, rows: slice, grad: Tensor | None, logits_of=None):
         """Step 2 on the logits x (n, V_r) of rows ``rows``: (lse_r, stats) and, into ``grad`` (x
-        itself allowed), p_r - e_k on the rows that count. stats (2, n) = (lse_r, b_r) to gather;
-        also returns x_k, the logit at column k (read before the kernel may overwrite x)."""
+        itself allowed, then ``logits_of(row_mask)`` must give those rows' logits again), p_r - e_k
+        on the rows that count. stats (2, n) = (lse_r, b_r) to gather; also returns x_k, the logit
+        at column k (read before the kernel may overwrite x)."""
         valid, owned, k = self.valid[rows], self.owned[rows], self.k[rows]
         n, vr = x.shape
         cdt = self.cdt
@@ -290,11 +365,14 @@ class _Rows:
             stats[1] += torch.where(owned, (1 - eps) * w_k * x_k, 0)
         _, lse_r = kernel(x, k, valid, None, 0.0, 0.0, None, grad)
         # The kernel gives NaN for a row whose slice is all -inf; the vocabulary as a whole may not
-        # be. Such rows (rare: matmul logits never are) get torch's -inf and a zero gradient row.
+        # be (a -inf bias on padded vocabulary rows). Such rows get torch's -inf and a zero gradient
+        # row, from their logits recomputed when the kernel overwrote them. One host read per call
+        # (per chunk for the fused head), as the single-device op's target check.
         bad = valid & torch.isnan(lse_r)
-        if (grad is None or grad.data_ptr() != x.data_ptr()) and bool(bad.any()):
+        if bool(bad.any()):
+            overwritten = grad is not None and grad.data_ptr() == x.data_ptr()
             lse_r = lse_r.clone()
-            lse_r[bad] = torch.logsumexp(x[bad].to(cdt), -1)
+            lse_r[bad] = torch.logsumexp((logits_of(bad) if overwritten else x[bad]).to(cdt), -1)
             if grad is not None:
                 grad[bad & (lse_r == -math.inf)] = 0
         stats[0] = torch.where(valid, lse_r, -math.inf)
@@ -326,15 +404,18 @@ class _Rows:
         c = torch.as_tensor(s_ce * eps / total, dtype=cdt, device=grad.device)
         if row_scale is not None:
             a, b, c = a * row_scale, b * row_scale, c * row_scale
+        # Rows that do not count keep their zero gradient: their factors may be inf or NaN (a
+        # "mean" over no counted row scales by 1/0), and 0 · inf would be NaN.
+        zero = torch.zeros((), dtype=cdt, device=grad.device)
+        c = torch.where(valid, c, zero)
         rho = torch.exp(lse_r - lse).nan_to_num_(nan=0.0)  # 0 where lse_r = lse = -inf
         scale_kernel(backend)(grad, valid, torch.where(valid, a * rho, 1).to(cdt))
         w_k = 1
         if eps:
             w = torch.ones(vr, dtype=cdt, device=grad.device) if self.w_loc is None else self.w_loc
-            grad.addr_((valid.to(cdt) * c).to(grad.dtype), w.to(grad.dtype), alpha=-1)
+            grad.addr_(c.to(grad.dtype), w.to(grad.dtype), alpha=-1)
             w_k = 1 if self.w_loc is None else self.w_loc[k]
         value = a * torch.exp(x_k - lse) - torch.where(owned, b, 0) - c * w_k
-        zero = torch.zeros((), dtype=cdt, device=grad.device)
         grad[torch.arange(n, device=grad.device), k] = torch.where(valid, value, zero).to(grad.dtype)
 
     def scales(self, reduction: str):
@@ -389,7 +470,8 @@ def vocab_parallel_cross_entropy(
         logits: (..., V_r), this rank's contiguous slice of the classes (slices in group-rank order,
             sizes may differ, 0 included); float16/bfloat16/float32/float64. The class dim is the
             last one (Megatron's layout; for 2-D logits F.cross_entropy's). Or a DTensor on a 1-D
-            mesh placed Shard(-1): its mesh's group is used, the loss is a replicated DTensor.
+            mesh placed Shard(-1), the mesh listing its ranks in ascending order: its mesh's group
+            is used, the loss is a replicated DTensor.
         target: int64/int32 global class ids of shape logits.shape[:-1], identical on every rank.
         weight: optional class weights: the whole vocabulary's (V,) or this rank's slice (V_r,).
         group: the process group over which the vocabulary is split (default: the world).
@@ -397,20 +479,32 @@ def vocab_parallel_cross_entropy(
         vocab_size: optional V, checked against the sum of the slices.
         backend: the row kernel's backend (default: the device's).
 
-    Collectives per call, all in the forward: an all-gather of 19 int64 per rank (shapes, options,
-    target fingerprint), an all-gather of 2 values per row per rank (lse_r, b_r), and with class
-    weights given as slices one all-reduce of N + 1 values. None in backward.
+    Collectives per call, all in the forward: an all-gather of 23 int64 per rank (shapes, options,
+    target hashes and range), an all-gather of 2 values per row per rank (lse_r, b_r), and with
+    class weights given as slices one all-reduce of N + 1 values. None in backward.
     """
-    name = "vocab_parallel_cross_entropy"
     dt = _dtensor_module()
     if dt is not None and isinstance(logits, dt.DTensor):
         return _dtensor_cross_entropy(
             logits, target, weight, group, ignore_index, mask, reduction, label_smoothing, z_loss, backend
         )
+    return _cross_entropy(
+        logits, target, weight, group, None, ignore_index, mask, reduction, label_smoothing, z_loss,
+        vocab_size, backend,
+    )  # fmt: skip
+
+
+def _cross_entropy(
+    logits, target, weight, group, position, ignore_index, mask, reduction, label_smoothing, z_loss,
+    vocab_size, backend,
+):  # fmt: skip
+    """vocab_parallel_cross_entropy on a plain tensor; ``position`` is the mesh coordinate of a
+    DTensor's shard (None: not a DTensor), checked against the group rank by every rank."""
+    name = "vocab_parallel_cross_entropy"
     rank, _ = _group_info(group)
     error, meta = None, {}
     try:
-        meta, backend, label_smoothing, z_loss = _check_ce(
+        backend, label_smoothing, z_loss = _check_ce(
             logits,
             target,
             weight,
@@ -422,14 +516,21 @@ def vocab_parallel_cross_entropy(
             vocab_size,
             backend,
         )
+        t = target.reshape(-1).long()
+        valid = valid_rows(t, ignore_index, mask)
+        meta = _options_meta(t, valid, mask, ignore_index, reduction, label_smoothing, z_loss, vocab_size)
+        meta.update(
+            position=rank if position is None else position,
+            device=_device_code(logits.device),
+            rows=t.numel(),
+            vocab=logits.shape[-1],
+            dtype=_DTYPE_CODES[logits.dtype],
+            weight_len=-1 if weight is None else weight.shape[0],
+        )
     except (TypeError, ValueError, IndexError, RuntimeError) as exc:
         error = exc
-    device = logits.device if isinstance(logits, Tensor) else torch.device("cpu")
-    metas = _agree(name, meta, error, group, device)
-    total, offset, vr, kind = _layout(name, metas, rank, vocab_size)
-    t = target.reshape(-1).long()
-    valid = valid_rows(t, ignore_index, mask)
-    _check_targets(name, t, valid, total, ignore_index)
+    metas = _agree(name, meta, error, group)
+    total, offset, vr, kind = _layout(name, metas, rank, vocab_size, ignore_index)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     x = logits.reshape(t.numel(), vr)
     loss = _VocabParallelCE.apply(
@@ -466,18 +567,14 @@ def _check_ce(
             f"got {tuple(target.shape)}"
         )
     _check_class_weight(weight, "weight", logits, "logits")
-    _check_mask(mask, target)
+    check_target_mask(mask, target)
     check_int(ignore_index, "ignore_index")
     check_reduction(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
     z_loss = check_z_loss(z_loss)
     if vocab_size is not None:
         check_int(vocab_size, "vocab_size")
-    backend = resolve_backend(backend, logits.device, "logits")
-    meta = _options_meta(target, mask, ignore_index, reduction, label_smoothing, z_loss, vocab_size)
-    meta.update(rows=target.numel(), vocab=logits.shape[-1], dtype=_DTYPE_CODES[logits.dtype])
-    meta["weight_len"] = -1 if weight is None else weight.shape[0]
-    return meta, backend, label_smoothing, z_loss
+    return resolve_backend(backend, logits.device, "logits"), label_smoothing, z_loss
 
 
 def _check_class_weight(weight, name, ref, ref_name) -> None:
@@ -492,28 +589,14 @@ def _check_class_weight(weight, name, ref, ref_name) -> None:
         raise RuntimeError(f"the loss is not differentiable with respect to {name}: pass {name}.detach()")
 
 
-def _check_mask(mask, target) -> None:
-    if mask is None:
-        return
-    check_tensor(mask, "mask")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool (True = the target counts), got dtype {mask.dtype}")
-    check_same_device(mask, "mask", target, "target")
-    if mask.shape != target.shape:
-        raise ValueError(f"mask must have target's shape {tuple(target.shape)}, got {tuple(mask.shape)}")
-
-
-def _options_meta(target, mask, ignore_index, reduction, label_smoothing, z_loss, vocab_size) -> dict:
-    t_sum, t_mix = _fingerprint(target)
+def _options_meta(t, valid, mask, ignore_index, reduction, label_smoothing, z_loss, vocab_size) -> dict:
     return dict(
+        _target_meta(t, valid, mask),
         has_mask=mask is not None,
         reduction=_REDUCTIONS[reduction],
         ignore_index=ignore_index,
         smoothing=_float_bits(label_smoothing),
         z_loss=_float_bits(z_loss),
-        target_sum=t_sum,
-        target_mix=t_mix,
-        mask_mix=-1 if mask is None else _fingerprint(mask)[1],
         vocab_size=-1 if vocab_size is None else vocab_size,
     )
 
@@ -584,8 +667,8 @@ def vocab_parallel_linear_cross_entropy(
     Args:
         hidden: (..., H), replicated: identical on every rank of the group.
         weight: (V_r, H), this rank's contiguous slice of the head (slices in group-rank order), or
-            a DTensor on a 1-D mesh placed Shard(0) (hidden then a replicated DTensor or a tensor;
-            the loss is a replicated DTensor).
+            a DTensor on a 1-D mesh (ranks in ascending order) placed Shard(0) (hidden then a
+            replicated DTensor or a tensor; the loss is a replicated DTensor).
         target: global class ids of shape hidden.shape[:-1], identical on every rank.
         bias: optional (V_r,), this rank's slice of the head's bias.
         mask, class_weight, ignore_index, reduction, label_smoothing, z_loss, vocab_size: as in
@@ -603,29 +686,58 @@ def vocab_parallel_linear_cross_entropy(
     reduction="none" the gradients, and those all-reduces, come in backward, which recomputes the
     chunks (no statistics gathered again).
     """
-    name = "vocab_parallel_linear_cross_entropy"
     dt = _dtensor_module()
     if dt is not None and isinstance(weight, dt.DTensor):
         return _dtensor_linear_cross_entropy(
             hidden, weight, target, bias, group, ignore_index, mask, class_weight, reduction, label_smoothing,
             z_loss, chunk_size, backend,
         )  # fmt: skip
+    return _linear_cross_entropy(
+        hidden, weight, target, bias, group, None, ignore_index, mask, class_weight, reduction,
+        label_smoothing, z_loss, chunk_size, vocab_size, backend,
+    )  # fmt: skip
+
+
+def _linear_cross_entropy(
+    hidden, weight, target, bias, group, position, ignore_index, mask, class_weight, reduction,
+    label_smoothing, z_loss, chunk_size, vocab_size, backend,
+):  # fmt: skip
+    """vocab_parallel_linear_cross_entropy on plain tensors; ``position`` as in _cross_entropy."""
+    name = "vocab_parallel_linear_cross_entropy"
     rank, _ = _group_info(group)
     error, meta = None, {}
     try:
-        meta, backend, label_smoothing, z_loss = _check_linear(
-            hidden, weight, target, bias, mask, class_weight, ignore_index, reduction, label_smoothing,
-            z_loss, chunk_size, vocab_size, backend,
-        )  # fmt: skip
+        label_smoothing, z_loss = check_linear_cross_entropy_args(
+            hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size, "V_r"
+        )
+        check_target_mask(mask, target)
+        _check_class_weight(class_weight, "class_weight", hidden, "hidden")
+        if vocab_size is not None:
+            check_int(vocab_size, "vocab_size")
+        backend = resolve_backend(backend, hidden.device, "hidden")
+        t = target.reshape(-1).long()
+        valid = valid_rows(t, ignore_index, mask)
+        n, hs = t.numel(), hidden.shape[-1]
+        h2 = hidden.reshape(n, hs)
+        meta = _options_meta(t, valid, mask, ignore_index, reduction, label_smoothing, z_loss, vocab_size)
+        h_sum, h_abs = _hidden_checksum(h2)
+        meta.update(
+            position=rank if position is None else position,
+            device=_device_code(hidden.device),
+            rows=n,
+            vocab=weight.shape[0],
+            dtype=_DTYPE_CODES[hidden.dtype],
+            weight_len=-1 if class_weight is None else class_weight.shape[0],
+            hidden=hs,
+            hidden_sum=h_sum,
+            hidden_abs=h_abs,
+            needs=int(torch.is_grad_enabled() and hidden.requires_grad) + 2 * (bias is not None),
+            chunk=chunk_size or 0,
+        )
     except (TypeError, ValueError, IndexError, RuntimeError) as exc:
         error = exc
-    device = hidden.device if isinstance(hidden, Tensor) else torch.device("cpu")
-    metas = _agree(name, meta, error, group, device)
-    total, offset, _vr, kind = _layout(name, metas, rank, vocab_size)
-    t = target.reshape(-1).long()
-    valid = valid_rows(t, ignore_index, mask)
-    _check_targets(name, t, valid, total, ignore_index)
-    n, hs = t.numel(), hidden.shape[-1]
+    metas = _agree(name, meta, error, group)
+    total, offset, _vr, kind = _layout(name, metas, rank, vocab_size, ignore_index)
     # The same chunks on every rank; two chunks are in flight (one's statistics being gathered while
     # the next is computed): each gets half of the single-device op's logits budget.
     widest = max(m["vocab"] for m in metas)
@@ -633,70 +745,22 @@ def vocab_parallel_linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
     loss = _VocabParallelLinearCE.apply(
-        hidden.reshape(n, hs), weight, bias, t, valid, class_weight, kind, offset, total, group, reduction,
-        label_smoothing, z_loss, chunk, backend, needs,
+        h2, weight, bias, t, valid, class_weight, kind, offset, total, group, reduction, label_smoothing,
+        z_loss, chunk, backend, needs,
     )  # fmt: skip
     return loss.view(target.shape) if reduction == "none" else loss
 
 
-def _check_linear(
-    hidden, weight, target, bias, mask, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-    chunk_size, vocab_size, backend,
-):  # fmt: skip
-    check_tensor(hidden, "hidden")
-    check_dtype(hidden, "hidden", FLOAT_DTYPES)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must be (..., H), got a 0-d tensor")
-    check_tensor(weight, "weight")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be (V_r, {hidden.shape[-1]}) = (V_r, H), got {tuple(weight.shape)}")
-    for arg, x in (("weight", weight), ("bias", bias)):
-        if x is None:
-            continue
-        check_tensor(x, arg)
-        if x.dtype != hidden.dtype:
-            raise TypeError(f"{arg} must have hidden's dtype {hidden.dtype}, got {x.dtype}")
-        check_same_device(x, arg, hidden, "hidden")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) = (V_r,), got {tuple(bias.shape)}")
-    check_tensor(target, "target")
-    check_index_dtype(target, "target")
-    check_same_device(target, "target", hidden, "hidden")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"target must have shape {tuple(hidden.shape[:-1])} = hidden.shape[:-1], "
-            f"got {tuple(target.shape)}"
-        )
-    _check_mask(mask, target)
-    _check_class_weight(class_weight, "class_weight", hidden, "hidden")
-    check_int(ignore_index, "ignore_index")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_reduction(reduction)
-    label_smoothing = check_label_smoothing(label_smoothing)
-    z_loss = check_z_loss(z_loss)
-    if vocab_size is not None:
-        check_int(vocab_size, "vocab_size")
-    backend = resolve_backend(backend, hidden.device, "hidden")
-    meta = _options_meta(target, mask, ignore_index, reduction, label_smoothing, z_loss, vocab_size)
-    h64 = hidden.detach().to(torch.float64) if hidden.numel() else hidden.new_zeros(1, dtype=torch.float64)
-    h_sum, h_abs = float(h64.sum()), float(h64.abs().sum())
-    if not (math.isfinite(h_sum) and math.isfinite(h_abs)):
-        h_sum = h_abs = math.nan  # NaN / inf in hidden flow through: no agreement check on them
-    meta.update(
-        rows=target.numel(),
-        vocab=weight.shape[0],
-        dtype=_DTYPE_CODES[hidden.dtype],
-        weight_len=-1 if class_weight is None else class_weight.shape[0],
-        hidden=hidden.shape[-1],
-        hidden_sum=_float_bits(h_sum),
-        hidden_abs=_float_bits(h_abs),
-        needs=int(torch.is_grad_enabled() and hidden.requires_grad) + 2 * (bias is not None),
-        chunk=chunk_size or 0,
-    )
-    return meta, backend, label_smoothing, z_loss
+def _hidden_checksum(h2: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ, Σ|·|) in fp64 of at most 64 × 64 elements of (N, H) hidden, spread over its rows and
+    columns, as int64 bit patterns (NaN when not finite: NaN / inf flow through unchecked). A few
+    thousand reads, not a copy of hidden: enough to catch a hidden that is not replicated (each rank
+    its own batch, a sequence-parallel hidden not gathered), not a proof that it is."""
+    n, hs = h2.shape
+    sample = h2.detach()[:: max(1, -(-n // 64)), :: max(1, -(-hs // 64))].to(torch.float64)
+    sums = torch.stack([sample.sum(), sample.abs().sum()])
+    sums = torch.where(torch.isfinite(sums).all(), sums, math.nan)
+    return sums.view(torch.int64).unbind()
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
@@ -731,8 +795,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if reduction == "none" and idx is not None:
             loss = loss.new_zeros(n).index_copy_(0, idx, loss)
         ctx.reduction, ctx.needs, ctx.config = reduction, needs, (group, chunk, backend)
-        if reduction != "none":
-            ctx.grads = (gh, gw, gb)
+        if reduction != "none":  # absent gradients as empty tensors, for the scale ops
+            ctx.grads = tuple(h2.new_empty(0) if g is None else g for g in (gh, gw, gb))
         else:  # recomputed in backward from the inputs and the per-row statistics
             ctx.sel, ctx.idx = sel, idx
             ctx.save_for_backward(h2, weight, bias, lse, lse_r)
@@ -741,19 +805,13 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         needs = ctx.needs
-        if ctx.reduction != "none":
-            keep = is_traced(grad_loss) or graph_is_kept()
-            unit = not keep and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
-            out = []
-            for g in ctx.grads:
-                if g is not None and keep:
-                    g = g * grad_loss
-                elif g is not None and not unit:
-                    g.mul_(grad_loss)  # the graph is freed after this: the saved gradient is ours
-                out.append(g)
-            if not keep:
+        if ctx.reduction != "none":  # linear_cross_entropy's backward ops, as its own backward
+            gh, gw, gb = ctx.grads
+            if is_traced(grad_loss) or graph_is_kept():
+                gh, gw, gb = torch.ops.maskkern.linear_cross_entropy_scale(gh, gw, gb, grad_loss)
+            else:  # the graph is freed after this: the saved gradients are ours to scale in place
                 ctx.grads = None
-            gh, gw, gb = out
+                torch.ops.maskkern.linear_cross_entropy_scale_(gh, gw, gb, grad_loss)
         else:
             h2, weight, bias, lse, lse_r = ctx.saved_tensors
             group, chunk, backend = ctx.config
@@ -817,7 +875,9 @@ def _chunks(h2, weight, bias, info: _Rows, idx, group, chunk, backend, needs, sc
         h = h2[start:end] if idx is None else h2.index_select(0, idx[start:end])
         logits = _chunk_logits(h, weight, bias) if vr else h.new_zeros((end - start, 0))
         grad = logits if any(needs) else None  # overwritten by its own gradient
-        stats, x_k = info.local_pass(kernel, logits, rows, grad)
+        stats, x_k = info.local_pass(
+            kernel, logits, rows, grad, lambda m, h=h: _chunk_logits(h[m], weight, bias)
+        )
         gathered = work = None
         if recompute is None:
             lse_r[rows] = stats[0]
@@ -890,18 +950,19 @@ def _dtensor_cross_entropy(
 ):
     dt = _dtensor_module()
     mesh = _vocab_mesh(logits, "logits", -1)
-    loss = vocab_parallel_cross_entropy(
+    loss = _cross_entropy(
         logits.to_local(),
         _local(target, "target"),
         _local(weight, "weight", sliced_ok=True),
-        group=mesh.get_group(0),
-        ignore_index=ignore_index,
-        mask=_local(mask, "mask"),
-        reduction=reduction,
-        label_smoothing=smoothing,
-        z_loss=z,
-        vocab_size=logits.shape[-1],
-        backend=backend,
+        mesh.get_group(0),
+        mesh.get_coordinate()[0],
+        ignore_index,
+        _local(mask, "mask"),
+        reduction,
+        smoothing,
+        z,
+        logits.shape[-1],
+        backend,
     )
     return dt.DTensor.from_local(loss, mesh, [dt.Replicate()], run_check=False)
 
@@ -926,21 +987,22 @@ def _dtensor_linear_cross_entropy(
     if bias is not None and isinstance(bias, dt.DTensor):
         _vocab_mesh(bias, "bias", 0)
         bias = bias.to_local()
-    loss = vocab_parallel_linear_cross_entropy(
+    loss = _linear_cross_entropy(
         _local(hidden, "hidden"),
         weight.to_local(),
         _local(target, "target"),
         bias,
-        group=mesh.get_group(0),
-        ignore_index=ignore_index,
-        mask=_local(mask, "mask"),
-        class_weight=_local(class_weight, "class_weight", sliced_ok=True),
-        reduction=reduction,
-        label_smoothing=smoothing,
-        z_loss=z,
-        chunk_size=chunk,
-        vocab_size=weight.shape[0],
-        backend=backend,
+        mesh.get_group(0),
+        mesh.get_coordinate()[0],
+        ignore_index,
+        _local(mask, "mask"),
+        _local(class_weight, "class_weight", sliced_ok=True),
+        reduction,
+        smoothing,
+        z,
+        chunk,
+        weight.shape[0],
+        backend,
     )
     return dt.DTensor.from_local(loss, mesh, [dt.Replicate()], run_check=False)
 
@@ -954,22 +1016,45 @@ def attach_linear_cross_entropy(head, loss=None, name: str = "linear_cross_entro
     ``head`` is an FSDP2 module (``fully_shard(head)`` already applied), registers it with
     ``register_fsdp_forward_method``, so that FSDP2 unshards the weight around it as around
     ``head.forward`` and reduce-scatters its gradient. ``loss`` defaults to
-    ``mk.nn.LinearCrossEntropyLoss()``. Returns the bound method."""
+    ``mk.nn.LinearCrossEntropyLoss()``. Returns the bound method.
+
+    Call it after ``fully_shard(head)``: FSDP2 only wraps methods that exist when it is applied,
+    so a method attached before would read the sharded weight; calling it then raises a
+    RuntimeError that says so."""
     import types
 
     from .ops.linear_cross_entropy import LinearCrossEntropyLoss
 
     loss = LinearCrossEntropyLoss() if loss is None else loss
+    fsdp_module = _fsdp_module_class()
+    registered = fsdp_module is not None and isinstance(head, fsdp_module)
 
     def method(self, hidden: Tensor, target: Tensor) -> Tensor:
+        if not registered and fsdp_module is not None and isinstance(self, fsdp_module):
+            raise RuntimeError(
+                f"{type(self).__name__}.{name}: attach_linear_cross_entropy ran before fully_shard on "
+                f"this module, so FSDP2 does not unshard its weight around {name}; call "
+                "attach_linear_cross_entropy(head, ...) after fully_shard(head)"
+            )
         return loss(hidden, self.weight, target, getattr(self, "bias", None))
 
     setattr(head, name, types.MethodType(method, head))
-    if AVAILABLE:
+    if registered:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         register_fsdp_forward_method(head, name)
     return getattr(head, name)
+
+
+def _fsdp_module_class():
+    """FSDP2's FSDPModule, or None where torch has none."""
+    if not AVAILABLE:
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return None
+    return FSDPModule
 
 
 # --- DTensor sharding rules for the custom ops -----------------------------------------------------

@@ -167,12 +167,48 @@ def _check_cross_entropy(rank: int, sizes: list[int], n: int = 13) -> None:
     out.backward()
     torch.testing.assert_close(out, ref.detach())
     torch.testing.assert_close(xl.grad, xf.grad.view(2, 4, v)[..., sl])
-    # all rows ignored: NaN mean, zero gradient
-    xl = x[:, sl].clone().requires_grad_()
-    out = vocab_parallel_cross_entropy(xl, torch.full((n,), -100))
+    # all rows ignored: NaN mean, zero gradient (not NaN: the smoothing term scales by 1/0 too)
+    w = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    for kw in (
+        {},
+        dict(label_smoothing=0.1),
+        dict(label_smoothing=0.1, weight=w),
+        dict(label_smoothing=0.2, weight=w[sl], z_loss=0.1),
+    ):
+        xl = x[:, sl].clone().requires_grad_()
+        out = vocab_parallel_cross_entropy(xl, torch.full((n,), -100), **kw)
+        out.backward()
+        assert out.isnan(), (kw, out)
+        assert torch.equal(xl.grad, torch.zeros_like(xl.grad)), kw
+    # non-contiguous logits: a column slice of the full logits (a view, not a leaf), and a slice
+    # stored transposed (class stride != 1)
+    opts = dict(label_smoothing=0.1, z_loss=0.05, reduction="sum")
+    xf = x.clone().requires_grad_()
+    ref = mk.masked_cross_entropy(xf, t, **opts)
+    ref.backward()
+    for transposed in (False, True):
+        base = (x[:, sl].t().contiguous() if transposed else x.clone()).requires_grad_()
+        xl = base.t() if transposed else base[:, sl]
+        assert not xl.is_contiguous() or xl.shape[1] <= 1
+        out = vocab_parallel_cross_entropy(xl, t, **opts)
+        out.backward()
+        torch.testing.assert_close(out, ref.detach(), **TOL)
+        grad = base.grad.t() if transposed else base.grad[:, sl]
+        torch.testing.assert_close(grad, xf.grad[:, sl], **TOL)
+    # bfloat16 against the single-process op in bfloat16: both compute in fp32; the loss rounds
+    # once in each, so they agree to one bf16 ulp (they came out equal); the gradient here is
+    # rounded twice (the kernel writes p - e_k in bf16, the in-place scale rounds again), so up to
+    # two roundings apart: 2 ulps relative, and atol for the entries that round to 0
+    xb = x.to(torch.bfloat16)
+    xf = xb.clone().requires_grad_()
+    ref = mk.masked_cross_entropy(xf, t, z_loss=0.01)
+    ref.backward()
+    xl = xb[:, sl].clone().requires_grad_()
+    out = vocab_parallel_cross_entropy(xl, t, z_loss=0.01)
     out.backward()
-    assert out.isnan(), out
-    assert xl.grad.abs().sum() == 0
+    assert out.dtype == xl.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.detach(), rtol=2**-8, atol=0)
+    torch.testing.assert_close(xl.grad, xf.grad[:, sl], rtol=2**-7, atol=2**-20)
     # the graph kept (retain_graph): the same gradient twice
     xl = x[:, sl].clone().requires_grad_()
     out = vocab_parallel_cross_entropy(xl, t, reduction="sum", label_smoothing=0.1)
@@ -228,11 +264,58 @@ def _check_linear_cross_entropy(rank: int, sizes: list[int], n: int = 11, h: int
     torch.testing.assert_close(out, ref.detach(), **TOL)
     torch.testing.assert_close(wl.grad, wf.grad[sl], **TOL)
     # all rows ignored: NaN mean, zero gradients
-    hl, wl = hidden.clone().requires_grad_(), weight[sl].clone().requires_grad_()
-    out = vocab_parallel_linear_cross_entropy(hl, wl, torch.full((n,), -100))
+    for kw in ({}, dict(label_smoothing=0.1, z_loss=0.1)):
+        hl, wl = hidden.clone().requires_grad_(), weight[sl].clone().requires_grad_()
+        out = vocab_parallel_linear_cross_entropy(hl, wl, torch.full((n,), -100), **kw)
+        out.backward()
+        assert out.isnan(), (kw, out)
+        assert torch.equal(hl.grad, torch.zeros_like(hl.grad)), kw
+        assert torch.equal(wl.grad, torch.zeros_like(wl.grad)), kw
+    # vocabulary padding on the last rank: its bias is -inf, so its slice of every row is all
+    # -inf (the kernel's row statistics are NaN there and the logits already overwritten by
+    # their gradient when they are found); the targets are real classes
+    last = _slices(sizes, len(sizes) - 1)
+    padded_bias = bias.clone()
+    padded_bias[last] = -torch.inf
+    tp = t.clamp(max=last.start - 1)
+    hf, wf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = mk.linear_cross_entropy(hf, wf, tp, padded_bias, label_smoothing=0.1)
+    ref.backward()
+    for chunk_size in (4, None):
+        hl, wl = hidden.clone().requires_grad_(), weight[sl].clone().requires_grad_()
+        out = vocab_parallel_linear_cross_entropy(
+            hl, wl, tp, padded_bias[sl], label_smoothing=0.1, chunk_size=chunk_size
+        )
+        out.backward()
+        torch.testing.assert_close(out, ref.detach(), **TOL)
+        torch.testing.assert_close(hl.grad, hf.grad, **TOL)
+        torch.testing.assert_close(wl.grad, wf.grad[sl], **TOL)
+    # non-contiguous hidden and weight (transposed views)
+    hf, wf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = mk.linear_cross_entropy(hf, wf, t, z_loss=0.05)
+    ref.backward()
+    hb, wb = hidden.t().contiguous().requires_grad_(), weight[sl].t().contiguous().requires_grad_()
+    out = vocab_parallel_linear_cross_entropy(hb.t(), wb.t(), t, z_loss=0.05, chunk_size=3)
     out.backward()
-    assert out.isnan(), out
-    assert hl.grad.abs().sum() == 0 and wl.grad.abs().sum() == 0
+    torch.testing.assert_close(out, ref.detach(), **TOL)
+    torch.testing.assert_close(hb.grad.t(), hf.grad, **TOL)
+    torch.testing.assert_close(wb.grad.t(), wf.grad[sl], **TOL)
+    # bfloat16 against the single-process op in bfloat16: the loss agrees to one rounding (it came
+    # out equal); each logits gradient entry is rounded twice here (kernel, then in-place scale)
+    # against once there, and each rank's part of grad_hidden is rounded to bf16 before the
+    # all-reduce adds them in bf16: a few roundings of the largest entry apart
+    hb, wb = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    hf, wf = hb.clone().requires_grad_(), wb.clone().requires_grad_()
+    ref = mk.linear_cross_entropy(hf, wf, t)
+    ref.backward()
+    hl, wl = hb.clone().requires_grad_(), wb[sl].clone().requires_grad_()
+    out = vocab_parallel_linear_cross_entropy(hl, wl, t, chunk_size=4)
+    out.backward()
+    assert out.dtype == hl.grad.dtype == wl.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.detach(), rtol=2**-8, atol=0)
+    for ours, full, part in ((hl.grad, hf.grad, slice(None)), (wl.grad, wf.grad, sl)):
+        atol = 4 * 2**-8 * float(full.abs().max())
+        torch.testing.assert_close(ours, full[part], rtol=2**-7, atol=atol)
 
 
 def _expect_error(kind, pattern: str, fn) -> None:
@@ -241,6 +324,7 @@ def _expect_error(kind, pattern: str, fn) -> None:
 
 
 def _check_bad_inputs(rank: int, sizes: list[int]) -> None:
+    import maskkern.distributed as mkd
     from maskkern.distributed import vocab_parallel_cross_entropy as vpce
     from maskkern.distributed import vocab_parallel_linear_cross_entropy as vplce
 
@@ -269,9 +353,26 @@ def _check_bad_inputs(rank: int, sizes: list[int]) -> None:
         ValueError, "hidden size", lambda: vplce(torch.ones(n, 4 + rank, dtype=torch.float64), wide, t)
     )
     _expect_error(ValueError, "replicated", lambda: vplce(hidden + rank, weight, t))
+    # targets that differ across ranks in a way that order-weighted sums miss (Δ = (1, -2, 1)),
+    # one of them out of range on all but rank 0: every rank raises, none waits in a collective;
+    # and so even if the targets' hashes collided (forced here): the range check is decided from
+    # the gathered table, not from each rank's own targets
+    a = v - 1
+    t3 = torch.tensor([a, a, a]) if rank == 0 else torch.tensor([a + 1, a - 2, a + 1])
+    _expect_error(ValueError, "identical on every rank", lambda: vpce(x[:3], t3))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mkd, "_hash", lambda x, prime, base: torch.zeros((), dtype=torch.long))
+        _expect_error(IndexError, rf"\[0, {v}\) .* got {v}", lambda: vpce(x[:3], t3))
+    t3 = torch.tensor([2, 2, 2]) if rank == 0 else torch.tensor([3, 0, 3])
+    _expect_error(ValueError, "identical on every rank", lambda: vpce(x[:3], t3))
     # one rank's own argument error reaches every rank, with its type
     bad_t = t.double() if rank == 1 else t
     _expect_error(TypeError, "integer tensor" if rank == 1 else "rank 1", lambda: vpce(x, bad_t))
+    _expect_error(
+        TypeError, "torch.Tensor" if rank == 1 else "rank 1", lambda: vpce(None if rank == 1 else x, t)
+    )
+    no_hidden = None if rank == 1 else hidden
+    _expect_error(TypeError, "torch.Tensor" if rank == 1 else "rank 1", lambda: vplce(no_hidden, weight, t))
     # the group still works afterwards
     out = vpce(x, t, reduction="sum")
     assert torch.isfinite(out)
@@ -280,11 +381,54 @@ def _check_bad_inputs(rank: int, sizes: list[int]) -> None:
 # --- the worlds ----------------------------------------------------------------------------------
 
 
+def _check_subgroups(rank: int) -> None:
+    """3 ranks: the vocabulary split over the group [1, 2] (group ranks 0, 1, not the world's),
+    and rank 0 alone in a group of size 1 holding all of it."""
+    from maskkern.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    g12, g0 = dist.new_group([1, 2]), dist.new_group([0])  # every rank creates every group
+    group, sl = (g0, slice(0, 9)) if rank == 0 else (g12, _slices([5, 4], rank - 1))
+    g = _gen(8)
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 9, (6,), generator=g)
+    t[0] = -100
+    hidden = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    head = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    opts = dict(label_smoothing=0.1, z_loss=0.01)
+    xf = x.clone().requires_grad_()
+    ref = mk.masked_cross_entropy(xf, t, **opts)
+    ref.backward()
+    xl = x[:, sl].clone().requires_grad_()
+    out = vocab_parallel_cross_entropy(xl, t, group=group, **opts)
+    out.backward()
+    torch.testing.assert_close(out, ref.detach(), **TOL)
+    torch.testing.assert_close(xl.grad, xf.grad[:, sl], **TOL)
+    hf, wf = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    ref = mk.linear_cross_entropy(hf, wf, t, **opts)
+    ref.backward()
+    hl, wl = hidden.clone().requires_grad_(), head[sl].clone().requires_grad_()
+    out = vocab_parallel_linear_cross_entropy(hl, wl, t, group=group, chunk_size=2, **opts)
+    out.backward()
+    torch.testing.assert_close(out, ref.detach(), **TOL)
+    torch.testing.assert_close(hl.grad, hf.grad, **TOL)
+    torch.testing.assert_close(wl.grad, wf.grad[sl], **TOL)
+    # a bad input inside the group [1, 2] is that group's error only
+    if rank:
+        rows = 5 if rank == 2 else 6
+        _expect_error(
+            ValueError,
+            "number of rows N",
+            lambda: vocab_parallel_cross_entropy(xl[:rows], t[:rows], group=group),
+        )
+
+
 def world_losses(rank: int, world: int) -> None:
     sizes = {2: [6, 5], 3: [4, 0, 7]}[world]  # uneven; with 3 ranks one slice is empty
     _check_cross_entropy(rank, sizes)
     _check_linear_cross_entropy(rank, sizes)
     _check_bad_inputs(rank, sizes)
+    if world == 3:
+        _check_subgroups(rank)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -292,7 +436,7 @@ def test_vocab_parallel_losses(world):
     run_world(world, world_losses)
 
 
-def world_dtensor_losses(rank: int, world: int) -> None:
+def _check_dtensor_losses(rank: int, world: int) -> None:
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel
 
@@ -347,8 +491,40 @@ def world_dtensor_losses(rank: int, world: int) -> None:
         vocab_parallel_cross_entropy(distribute_tensor(x, mesh, [Shard(0)]), t)
 
 
-def test_dtensor_vocab_parallel_against_loss_parallel():
-    run_world(2, world_dtensor_losses)
+def _check_permuted_mesh(rank: int, world: int) -> None:
+    """A 1-D mesh listing its ranks out of order: DTensor scatters and gathers its shards in
+    group-rank order but computes their offsets from the mesh coordinates, so which slice of the
+    vocabulary a rank holds is ambiguous: a clear error on every rank, not a silently wrong loss."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from maskkern.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    mesh = DeviceMesh("cpu", list(reversed(range(world))))
+    g = _gen(9)
+    x, t = torch.randn(6, 9, generator=g, dtype=torch.float64), torch.randint(0, 9, (6,), generator=g)
+    hidden, head = torch.randn(6, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out of order"):
+        vocab_parallel_cross_entropy(distribute_tensor(x, mesh, [Shard(1)]), t)
+    with pytest.raises(ValueError, match="out of order"):
+        vocab_parallel_linear_cross_entropy(
+            distribute_tensor(hidden, mesh, [Replicate()]), distribute_tensor(head, mesh, [Shard(0)]), t
+        )
+    # the group still works afterwards
+    assert torch.isfinite(vocab_parallel_cross_entropy(x[:, rank : rank + 1], t % world))
+
+
+def world_dtensor(rank: int, world: int) -> None:
+    _check_dtensor_losses(rank, world)
+    _check_permuted_mesh(rank, world)
+    _check_sharding_rules(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_losses_and_sharding_rules(world):
+    """The DTensor forms against loss_parallel and one process, and the sharding rules of every
+    custom op, forward and backward, on 2 and 3 ranks (uneven and empty shards with 3)."""
+    run_world(world, world_dtensor)
 
 
 def _rule_cases():
@@ -357,7 +533,7 @@ def _rule_cases():
 
     S0, S1, S2, R = Shard(0), Shard(1), Shard(2), Replicate()
     g = _gen(6)
-    B, H, L, D = 4, 2, 5, 3
+    B, H, L, D = 4, 3, 5, 3  # every sharded dim at least the mesh size (DTensor replicates smaller ones)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -402,7 +578,7 @@ def _rule_cases():
     ]  # fmt: skip
 
 
-def world_sharding_rules(rank: int, world: int) -> None:
+def _check_sharding_rules(rank: int, world: int) -> None:
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
 
     import maskkern.distributed as mkd
@@ -440,10 +616,6 @@ def world_sharding_rules(rank: int, world: int) -> None:
     expected_rows = torch.ones(6, 3, dtype=torch.float64) * torch.tensor([0, 1, 2, 3, 4, 5.0])[:, None]
     expected_rows[[1, 4]] = 1  # rows that do not count are left as they are
     torch.testing.assert_close(rows.full_tensor(), expected_rows)
-
-
-def test_dtensor_sharding_rules_every_op():
-    run_world(2, world_sharding_rules)
 
 
 class TinyLM(nn.Module):
@@ -515,7 +687,47 @@ def world_fsdp_ddp(rank: int, world: int) -> None:
             torch.testing.assert_close(
                 p.grad.full_tensor(), expected[name], **TOL, msg=lambda m, w=what: f"{w}: {m}"
             )
+    # attached before fully_shard(head): FSDP2 would not unshard the weight around the method
+    model = TinyLM(fused_head=True).double()
+    attach_linear_cross_entropy(model.head, model.loss)
+    fully_shard(model.head)
+    fully_shard(model)
+    with pytest.raises(RuntimeError, match=r"before fully_shard .* after fully_shard\(head\)"):
+        model(*_tiny_batch(rank))
 
 
 def test_fsdp2_and_ddp_tiny_model():
     run_world(2, world_fsdp_ddp)
+
+
+# --- in this process -----------------------------------------------------------------------------
+
+
+def test_agreement_device_is_the_groups():
+    """The agreement gather's device depends on the group's backend only, never on a rank's
+    inputs: a rank whose logits are not a tensor meets the others on the same backend (a CPU
+    tensor on an NCCL group would leave them waiting)."""
+    from maskkern.distributed import _agreement_device
+
+    assert _agreement_device("gloo") == torch.device("cpu")
+    assert _agreement_device("nccl") == torch.device("cuda")
+    assert _agreement_device("cpu:gloo,cuda:nccl") == torch.device("cpu")
+    assert _agreement_device("cuda:nccl") == torch.device("cuda")
+
+
+def test_target_hashes_tell_apart_what_weighted_sums_do_not():
+    from maskkern.distributed import _HASHES, _hash
+
+    a = torch.tensor([5, 5, 5])
+    swapped = torch.arange(2000)
+    swapped[[0, 1009]] = swapped[[1009, 0]]  # equal weights under weights of period 1009
+    pairs = [
+        (a, torch.tensor([6, 3, 6])),  # Δ = (1, -2, 1): equal sums, equal index-weighted sums
+        (torch.tensor([1, 2, 3, 4]), torch.tensor([2, 1, 4, 3])),  # swapped neighbours
+        (torch.tensor([0, -100, 7]), torch.tensor([0, 7, -100])),  # ignored rows moved
+        (torch.arange(2000), swapped),
+    ]
+    for x, y in pairs:
+        assert all(int(_hash(x, *h)) != int(_hash(y, *h)) for h in _HASHES), (x, y)
+    assert int(_hash(a, *_HASHES[0])) == int(_hash(a.int(), *_HASHES[0]))
+    assert int(_hash(torch.empty(0, dtype=torch.long), *_HASHES[0])) == 0
