@@ -59,9 +59,6 @@ namespace {
 constexpr int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
 constexpr int64_t round_up(int64_t n, int64_t d) { return ceil_div(n, d) * d; }
 
-// Tasks per thread wanted in the backward before it splits the key tiles of a (sequence, kv head).
-constexpr int64_t kTasksPerThread = 4;
-
 // --- geometry --------------------------------------------------------------------------------
 
 // One batch item (padded) or packed sequence.
@@ -757,7 +754,9 @@ void row_deltas(const Geometry& g, const Rows<const scalar_t>& dout,
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t lanes = Vec::size();
-  at::parallel_for(0, g.sequences * g.Hq, 1, [&](int64_t first, int64_t last) {
+  // Ranges of (sequence, head) pairs, a pair costing the average rows of a sequence times Dv.
+  const int64_t pair_elems = g.batch * g.Lq * g.Dv / std::max<int64_t>(g.sequences, 1);
+  parallel_row_ranges(g.sequences * g.Hq, pair_elems, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const Sequence sq = g.sequence(task / g.Hq);
       const int64_t h = task % g.Hq;
@@ -807,7 +806,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     max_key_tiles = std::max(max_key_tiles, ceil_div(g.sequence(s).rows_k, g.BK));
   }
   const int64_t splits =
-      std::clamp<int64_t>(ceil_div(kTasksPerThread * threads, std::max<int64_t>(pairs, 1)), 1,
+      std::clamp<int64_t>(ceil_div(kSplitTasksPerThread * threads, std::max<int64_t>(pairs, 1)), 1,
                           std::max<int64_t>(max_key_tiles, 1));
   const std::vector<int64_t> order = by_cost(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
@@ -853,7 +852,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       // dq = the sum of the copies, in split order.
       scalar_t* dq_out = dq.data_ptr<scalar_t>();
       const int64_t dq_rows = g.batch * g.Lq * g.Hq;
-      at::parallel_for(0, dq_rows, 64, [&](int64_t first, int64_t last) {
+      parallel_row_ranges(dq_rows, splits * dq_ld, [&](int64_t first, int64_t last) {
         std::vector<acc_t> sum(dq_ld);
         for (int64_t row = first; row < last; ++row) {
           std::copy_n(dq_acc + row * dq_ld, dq_ld, sum.begin());

@@ -11,8 +11,8 @@
 // one rounding. A gradient larger than kStreamBytes comes from the output cache (the caller
 // allocates it with maskkern::empty_for_writing) and is written with streaming stores: the row is
 // finished in the scratch, then streamed out (stream_store.h). Math in fp32 for half inputs, fp64
-// for fp64. Rows run in parallel with at::parallel_for; each output element is written by one
-// thread in a fixed order: the result is deterministic.
+// for fp64. Rows run in parallel, a contiguous range of them per thread (parallel_row_ranges); each
+// output element is written by one thread in a fixed order: the result is deterministic.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
 
@@ -170,15 +171,12 @@ void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, cons
   acc_t* lse_ptr = lse.mutable_data_ptr<acc_t>();
   const bool stream = g != nullptr && worth_streaming(grad->nbytes());
   constexpr int64_t lanes = Vectorized<acc_t>::size();
-  // About 32K elements per task: below that a second thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, N, grain, [&](int64_t first, int64_t end) {
+  parallel_row_ranges(N, C, [&](int64_t first, int64_t end) {
     std::vector<acc_t> scratch(static_cast<size_t>((C + lanes - 1) / lanes * lanes));
     for (const auto i : c10::irange(first, end)) {
       cross_entropy_row<scalar_t>(p, i, x + i * p.row_stride, ce_ptr, lse_ptr, scratch.data(),
                                   g == nullptr ? nullptr : g + i * C, stream);
     }
-    stream_fence();
   });
 }
 
@@ -224,8 +222,7 @@ void masked_cross_entropy_scale_(at::Tensor& grad, const at::Tensor& valid_in,
         const bool* keep = valid.const_data_ptr<bool>();
         const acc_t* factor = grad_loss.const_data_ptr<acc_t>();
         const int64_t factor_stride = grad_loss.numel() == 1 ? 0 : 1;
-        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-        at::parallel_for(0, N, grain, [&](int64_t first, int64_t end) {
+        parallel_row_ranges(N, C, [&](int64_t first, int64_t end) {
           for (const auto i : c10::irange(first, end)) {
             const acc_t f = factor[i * factor_stride];
             if (keep[i] && f != acc_t(1)) {

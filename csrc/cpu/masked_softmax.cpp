@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -32,6 +31,7 @@
 #include "checks.h"
 #include "cpu/mask_lanes.h"
 #include "cpu/output_memory.h"
+#include "cpu/parallel.h"
 #include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
 
@@ -200,44 +200,6 @@ struct RowMasks {
   int64_t extent(int64_t row) const { return extent(row, at(row)); }
 };
 
-// Rows cost in proportion to their extent (lengths, causal), and at::parallel_for gives each thread
-// one contiguous range of its indices: so the indices are tasks (one per thread), and each task
-// takes the next block of rows from a shared counter when it is done with its last, which balances
-// rows of uneven cost (a fixed round robin does not: under causal, alternate blocks are the longer
-// rows). Rows do not depend on which task runs them, so the results stay bitwise the same. A task
-// claims the block it runs next before it runs the current one, so that the prefetch
-// (rows_prefetched) runs on into it rather than starting every block cold. f(task, RowBlock).
-struct RowBlock {
-  int64_t first, end;            // the rows of this block
-  int64_t then_first, then_end;  // the rows of the task's next block; empty when it has none
-};
-
-template <typename F>
-void parallel_rows(int64_t rows, int64_t row_len, int64_t tasks, const F& f) {
-  constexpr int64_t kBlockElems = 65536;
-  const int64_t block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(row_len, 1));
-  const int64_t blocks = (rows + block - 1) / block;
-  std::atomic<int64_t> next_block{0};
-  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t end) {
-    for (const auto task : c10::irange(first, end)) {
-      for (int64_t blk = next_block++; blk < blocks;) {
-        const int64_t then = next_block++;
-        const bool more = then < blocks;
-        f(task, RowBlock{blk * block, std::min(rows, (blk + 1) * block), more ? then * block : 0,
-                         more ? std::min(rows, (then + 1) * block) : 0});
-        blk = then;
-      }
-    }
-    stream_fence();
-  });
-}
-
-// Below this many elements a second thread costs more than it saves.
-int64_t num_tasks(int64_t rows, int64_t row_len) {
-  constexpr int64_t kSerialElems = 32768;
-  return rows * row_len < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), rows);
-}
-
 // A row is read only up to its extent, and a read that stops short of the row's end loses the
 // hardware prefetcher. So partial rows are prefetched about kPrefetchBytes ahead, into L2 (the T2
 // hint): far enough to cover memory latency, near enough to stay in L2. Whole rows are left to the
@@ -354,7 +316,7 @@ void softmax_rows(const at::Tensor& scores, const RowMasks<mask_t>& masks, doubl
                   at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t Lk = masks.geo.row_len(), rows = scores.numel() / Lk;
-  const int64_t tasks = num_tasks(rows, Lk);
+  const int64_t tasks = row_tasks(rows, Lk);
   const int64_t padded = (Lk + kLanes<scalar_t> - 1) / kLanes<scalar_t> * kLanes<scalar_t>;
   std::vector<acc_t> scratch(static_cast<size_t>(tasks * padded));
   const scalar_t* x = scores.const_data_ptr<scalar_t>();
@@ -426,7 +388,7 @@ template <typename scalar_t, typename mask_t>
 void softmax_backward_rows(const at::Tensor& grad, const at::Tensor& out,
                            const RowMasks<mask_t>& masks, double scale, at::Tensor& dx) {
   const int64_t Lk = masks.geo.row_len(), rows = out.numel() / Lk;
-  const int64_t tasks = num_tasks(rows, Lk);
+  const int64_t tasks = row_tasks(rows, Lk);
   const bool stream = worth_streaming(dx.nbytes());
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   const scalar_t* y = out.const_data_ptr<scalar_t>();

@@ -25,7 +25,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -33,32 +32,12 @@
 
 #include "checks.h"
 #include "cpu/output_memory.h"
+#include "cpu/parallel.h"
 #include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
 
 namespace maskkern {
 namespace {
-
-// Runs worker(claim) once on each intra-op thread; claim(task) hands out the tasks [0, tasks) one
-// at a time (an atomic counter) and returns false when none is left. On shared cores a thread that
-// is descheduled then does not hold up a fixed share of the work; which thread runs a task never
-// changes a result.
-template <typename Worker>
-void parallel_tasks(int64_t tasks, const Worker& worker) {
-  std::atomic<int64_t> next{0};
-  const auto claim = [&next, tasks](int64_t& task) {
-    task = next.fetch_add(1, std::memory_order_relaxed);
-    return task < tasks;
-  };
-  const int64_t threads = std::min<int64_t>(tasks, at::get_num_threads());
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    worker(claim);
-    stream_fence();
-  });
-}
-
-// Tasks per thread: small enough pieces that the threads finish together.
-constexpr int64_t kTasksPerThread = 8;
 
 template <typename index_t>
 inline bool in_range(index_t id, int64_t num_weights) {
@@ -80,9 +59,9 @@ void gather_rows(const index_t* ids, int64_t N, const scalar_t* weight, int64_t 
                  scalar_t* out) {
   const auto s = static_cast<acc_type<scalar_t>>(scale);
   const bool scaled = scale != 1.0;
-  const int64_t min_chunk = std::max<int64_t>(1, 32768 / D);  // tokens: >= 32K elements a task
-  const int64_t chunk = std::max(min_chunk, (N + kTasksPerThread * at::get_num_threads() - 1) /
-                                                (kTasksPerThread * at::get_num_threads()));
+  // Tokens per task: kTasksPerThread tasks a thread, none under min_rows_per_task.
+  const int64_t pieces = kTasksPerThread * at::get_num_threads();
+  const int64_t chunk = std::max(min_rows_per_task(D), (N + pieces - 1) / pieces);
   parallel_tasks((N + chunk - 1) / chunk, [&](const auto& claim) {
     for (int64_t task = 0; claim(task);) {
       for (int64_t n = task * chunk; n < std::min(N, (task + 1) * chunk); ++n) {
