@@ -13,7 +13,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -22,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -32,39 +30,12 @@
 #include "cpu/mask_lanes.h"
 #include "cpu/output_memory.h"
 #include "cpu/parallel.h"
+#include "cpu/prefetch.h"
 #include "cpu/stream_store.h"
 #include "cpu/vec_row.h"
 
 namespace maskkern {
 namespace {
-
-// The sum over a row of term(j, count), the vector of keys [j, j + count): fp32 vector sums over
-// blocks of keys, added up in fp64, because one running fp32 sum drifts on long rows by as much as
-// the fp32 tolerance. Four vector sums run side by side so that a cheap term (the backward's
-// y * g) does not wait on the previous add.
-template <typename acc_t, typename Term>
-acc_t row_sum(int64_t n, const Term& term) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t lanes = Vec::size(), block = 64 * lanes, sums = 4;
-  double total = 0;
-  for (int64_t first = 0; first < n; first += block) {
-    const int64_t end = std::min(n, first + block);
-    std::array<Vec, sums> partial;
-    partial.fill(Vec(0));
-    int64_t j = first;
-    for (; j + sums * lanes <= end; j += sums * lanes) {
-      for (const auto k : c10::irange(sums)) {
-        partial[k] = partial[k] + term(j + k * lanes, lanes);
-      }
-    }
-    for (; j < end; j += lanes) {
-      partial[0] = partial[0] + term(j, std::min(lanes, end - j));
-    }
-    const Vec all = (partial[0] + partial[1]) + (partial[2] + partial[3]);
-    total += at::vec::vec_reduce_all<acc_t>(Sum<acc_t>(), all);
-  }
-  return static_cast<acc_t>(total);
-}
 
 // A row of the mask: elements at ptr[j * stride]. mask_t = bool (true = keep) or scores' dtype
 // (additive); NoMask when there is none.
@@ -199,59 +170,6 @@ struct RowMasks {
   }
   int64_t extent(int64_t row) const { return extent(row, at(row)); }
 };
-
-// A row is read only up to its extent, and a read that stops short of the row's end loses the
-// hardware prefetcher. So partial rows are prefetched about kPrefetchBytes ahead, into L2 (the T2
-// hint): far enough to cover memory latency, near enough to stay in L2. Whole rows are left to the
-// hardware prefetcher. (The alternatives tried, and their timings, are in the commit history and
-// bench/results/.)
-constexpr int64_t kPrefetchBytes = 32768;
-
-// Rows to prefetch ahead for rows of row_len elements of T.
-template <typename T>
-int64_t prefetch_distance(int64_t row_len) {
-  const int64_t row_bytes = std::max<int64_t>(1, row_len * static_cast<int64_t>(sizeof(T)));
-  return std::clamp<int64_t>(kPrefetchBytes / row_bytes, 1, 32);
-}
-
-// Prefetches keys [0, n) of a row of row_len elements at `row` (partial rows only).
-template <typename T>
-void prefetch_row(const T* row, int64_t n, int64_t row_len) {
-  if (n < row_len) {
-    const char* c = reinterpret_cast<const char*>(row);
-    for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) {
-      __builtin_prefetch(c + b, 0, 1);  // read, locality 1 = prefetcht2
-      // GCC (12, -O2 and up) deletes a loop whose only effects are prefetches: a prefetch is no
-      // side effect to it, and C++ loops are assumed to end (-ffinite-loops). It did, silently,
-      // until this empty asm volatile (a side effect it must keep; no code, no barrier).
-      asm volatile("");
-    }
-  }
-}
-
-// Calls f(row) for the rows of the block in order, with prefetch(row) `ahead` rows before in the
-// task's order (the last rows of a block prefetch the first of the next) and, when again > 0,
-// once more `again` rows before: prefetches are dropped when the core's miss buffers are full, and
-// a second request for the same lines catches them. The backward (two inputs, twice the prefetches)
-// asks twice; the forward once. Each block prefetches its own first rows again as it starts.
-template <typename Prefetch, typename F>
-void rows_prefetched(const RowBlock& b, int64_t ahead, int64_t again, const Prefetch& prefetch,
-                     const F& f) {
-  for (int64_t row = b.first; row < std::min(b.end, b.first + ahead); ++row) {
-    prefetch(row);
-  }
-  for (int64_t row = b.first; row < b.end; ++row) {
-    if (row + ahead < b.end) {
-      prefetch(row + ahead);
-    } else if (const int64_t then = b.then_first + (row + ahead - b.end); then < b.then_end) {
-      prefetch(then);
-    }
-    if (again > 0 && row + again < b.end) {
-      prefetch(row + again);
-    }
-    f(row);
-  }
-}
 
 // --- forward -----------------------------------------------------------------------------------
 

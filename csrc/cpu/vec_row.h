@@ -5,7 +5,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <iterator>
 #include <tuple>
@@ -61,6 +64,34 @@ struct Max {
     return at::vec::maximum(a, b);
   }
 };
+
+// The sum over elements [0, n) of a row of term(j, count), the vector of elements [j, j + count):
+// fp32 vector sums over blocks of elements, added up in fp64, because one running fp32 sum drifts
+// on long rows by as much as the fp32 tolerance. Four vector sums run side by side so that a cheap
+// term (the backward's y * g) does not wait on the previous add.
+template <typename acc_t, typename Term>
+acc_t row_sum(int64_t n, const Term& term) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t lanes = Vec::size(), block = 64 * lanes, sums = 4;
+  double total = 0;
+  for (int64_t first = 0; first < n; first += block) {
+    const int64_t end = std::min(n, first + block);
+    std::array<Vec, sums> partial;
+    partial.fill(Vec(0));
+    int64_t j = first;
+    for (; j + sums * lanes <= end; j += sums * lanes) {
+      for (const auto k : c10::irange(sums)) {
+        partial[k] = partial[k] + term(j + k * lanes, lanes);
+      }
+    }
+    for (; j < end; j += lanes) {
+      partial[0] = partial[0] + term(j, std::min(lanes, end - j));
+    }
+    const Vec all = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+    total += at::vec::vec_reduce_all<acc_t>(Sum<acc_t>(), all);
+  }
+  return static_cast<acc_t>(total);
+}
 
 // exp for rows of x - max <= 0, fp32. With AVX-512: exp(x) = 2^k exp(r), k = round(x / ln 2),
 // r = x - k ln 2 in two parts, exp(r) by a degree-6 polynomial in Horner form (coefficients fitted
