@@ -65,6 +65,8 @@ constexpr int64_t round_up(int64_t n, int64_t d) { return ceil_div(n, d) * d; }
 struct Sequence {
   int64_t b;       // index into the batch dim of every tensor (0 when packed)
   int64_t q0, k0;  // its first query / key row in the L dims
+  // Its query and key counts (query_lengths and lengths, or its rows when packed): queries from n_q
+  // on are not computed, and every query's band [key_begin(i), key_end(i)) ends by n_k.
   int64_t n_q, n_k;
   // The rows it owns from q0 (k0): its outputs there are written, as zeros where not computed.
   int64_t rows_q, rows_k;

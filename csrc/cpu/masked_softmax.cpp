@@ -1,11 +1,11 @@
 // masked_softmax on CPU: one row = the keys of one (b, h, query) triple of scores (B, H, Lq, Lk).
 //
-// Each row first gets its extent n from lengths, query_lengths and causal, less the keys a bool
-// mask drops at the row's end: keys j >= n are masked, so the kernels never read them and write
-// zeros there. Within [0, n) the forward makes three passes over a per-thread fp32 (fp64)
-// buffer that stays in L1: z = scores * scale (+ additive, or -inf where the bool mask drops a
-// key) and its max, then e = exp(z - max) and its sum, then y = e / sum stored in scores' dtype.
-// The backward reads Y and dY only on [0, n) too: Y is zero beyond it.
+// Each row first gets its extent from lengths, query_lengths and causal, less the keys a bool
+// mask drops at the row's end: keys j >= extent are masked, so the kernels never read them and
+// write zeros there. Within [0, extent) the forward makes three passes over a per-thread fp32
+// (fp64) buffer that stays in L1: z = scores * scale (+ additive, or -inf where the bool mask drops
+// a key) and its max, then e = exp(z - max) and its sum, then y = e / sum stored in scores' dtype.
+// The backward reads Y and dY only on [0, extent) too: Y is zero beyond it.
 //
 // Outputs come from the output cache (output_memory.h); those larger than kStreamBytes are written
 // with streaming stores (stream_store.h), with their zero tails: straight from the registers when
@@ -66,34 +66,34 @@ struct MaskRow {
     }
   }
 
-  // The extent n without the keys at its end that a bool mask drops: they need not be read. A key
+  // A row's extent less the keys at its end that a bool mask drops: they need not be read. A key
   // padding mask (B, 1, 1, Lk) then costs what lengths do.
-  int64_t extent(int64_t n) const {
+  int64_t trim(int64_t extent) const {
     if constexpr (std::is_same_v<mask_t, bool>) {
       if (stride == 0) {
-        return n > 0 && ptr[0] ? n : 0;
+        return extent > 0 && ptr[0] ? extent : 0;
       }
       if (stride == 1) {
         // 32 keys at a time while all are dropped (bools are bytes of 0 or 1), then 8 at a time,
         // then one by one.
-        for (uint64_t words[4]; n >= 32; n -= 32) {
-          std::memcpy(words, ptr + n - 32, sizeof(words));
+        for (uint64_t words[4]; extent >= 32; extent -= 32) {
+          std::memcpy(words, ptr + extent - 32, sizeof(words));
           if ((words[0] | words[1] | words[2] | words[3]) != 0) {
             break;
           }
         }
-        for (uint64_t word; n >= 8; n -= 8) {
-          std::memcpy(&word, ptr + n - 8, sizeof(word));
+        for (uint64_t word; extent >= 8; extent -= 8) {
+          std::memcpy(&word, ptr + extent - 8, sizeof(word));
           if (word != 0) {
             break;
           }
         }
       }
-      while (n > 0 && !ptr[(n - 1) * stride]) {
-        --n;
+      while (extent > 0 && !ptr[(extent - 1) * stride]) {
+        --extent;
       }
     }
-    return n;
+    return extent;
   }
 };
 
@@ -120,23 +120,24 @@ class RowGeometry {
   int64_t head(int64_t row) const { return row / Lq_ % H_; }
   int64_t query(int64_t row) const { return row % Lq_; }
 
-  // The row's extent n: keys [0, n) may be visible, everything from n on is masked. A negative
-  // length (check_lengths=False skips the check in Python) masks the whole row: n clamps to 0.
+  // The row's extent: keys [0, extent) may be visible, everything from extent on is masked. A
+  // negative length (check_lengths=False skips the check in Python) masks the whole row: the
+  // extent clamps to 0.
   int64_t extent(int64_t row) const {
     const int64_t b = batch(row), i = query(row);
     if (query_lengths_ptr_ != nullptr && i >= query_lengths_ptr_[b]) {
       return 0;
     }
-    int64_t n = Lk_;
+    int64_t end = Lk_;
     if (lengths_ptr_ != nullptr) {
-      n = std::min(n, lengths_ptr_[b]);
+      end = std::min(end, lengths_ptr_[b]);
     }
     if (causal_ == 1) {
-      n = std::min(n, i + 1);
+      end = std::min(end, i + 1);
     } else if (causal_ == 2) {
-      n = std::min(n, i + Lk_ - Lq_ + 1);
+      end = std::min(end, i + Lk_ - Lq_ + 1);
     }
-    return std::max<int64_t>(n, 0);
+    return std::max<int64_t>(end, 0);
   }
 
  private:
@@ -166,17 +167,17 @@ struct RowMasks {
   }
   // The row's extent, given its mask row at(row).
   int64_t extent(int64_t row, const MaskRow<mask_t>& mask) const {
-    return mask.extent(geo.extent(row));
+    return mask.trim(geo.extent(row));
   }
   int64_t extent(int64_t row) const { return extent(row, at(row)); }
 };
 
 // --- forward -----------------------------------------------------------------------------------
 
-// One row: x[0, Lk) -> y[0, Lk), reading x and the mask on [0, n) only; z holds n rounded up to
-// whole vectors.
+// One row: x[0, Lk) -> y[0, Lk), reading x and the mask on [0, extent) only; z holds extent
+// rounded up to whole vectors.
 template <typename scalar_t, typename mask_t>
-void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int64_t Lk,
+void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t extent, int64_t Lk,
                  acc_type<scalar_t> scale, acc_type<scalar_t>* z, scalar_t* y, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -186,8 +187,8 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
 
   // The running max skips NaN (clamp_min is a bare vmaxps): a kept NaN shows in the sum instead.
   Vec vmax = neg_inf;
-  for (int64_t j = 0; j < n; j += lanes) {
-    const int64_t count = std::min(lanes, n - j);
+  for (int64_t j = 0; j < extent; j += lanes) {
+    const int64_t count = std::min(lanes, extent - j);
     Vec v = load(x + j, count) * Vec(scale);
     if constexpr (std::is_same_v<mask_t, bool>) {
       v = Vec::blendv(neg_inf, v, mask.template load_at<acc_t>(j, count));
@@ -204,7 +205,7 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
     std::fill_n(y, Lk, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
   };
   if (max == kNegInf) {  // nothing left in the row, unless it kept a NaN
-    if (std::any_of(z, z + n, [](acc_t v) { return std::isnan(v); })) {
+    if (std::any_of(z, z + extent, [](acc_t v) { return std::isnan(v); })) {
       nan_row();
     } else {
       write_row<scalar_t>(y, nullptr, 0, Lk, stream);
@@ -212,7 +213,7 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
     return;
   }
 
-  const acc_t sum = row_sum<acc_t>(n, [&](int64_t j, int64_t) {
+  const acc_t sum = row_sum<acc_t>(extent, [&](int64_t j, int64_t) {
     const Vec e = fast_exp(Vec::loadu(z + j) - Vec(max));
     e.store(z + j);
     return e;
@@ -225,7 +226,7 @@ void softmax_row(const scalar_t* x, const MaskRow<mask_t>& mask, int64_t n, int6
   // The scratch for a streamed row is z itself: a scalar_t never outgrows its acc_t, so each store
   // lands on elements already read.
   const Vec inv(acc_t(1) / sum);
-  write_row_vectors(y, n, Lk, stream, reinterpret_cast<scalar_t*>(z),
+  write_row_vectors(y, extent, Lk, stream, reinterpret_cast<scalar_t*>(z),
                     [&](int64_t j, int64_t) { return Vec::loadu(z + j) * inv; });
 }
 
@@ -284,20 +285,21 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
 
 // --- backward ----------------------------------------------------------------------------------
 
-// dx = scale * y * (g - sum(y * g)) on [0, n); zeros beyond, where y is 0. scratch: len elements
-// for write_row_vectors. Flattened so that the loops keep the lambdas' captures in registers:
-// called, they reload them after every vector store (an intrinsic's store may alias anything).
-// (The forward is not flattened: it is slower so.)
+// dx = scale * y * (g - sum(y * g)) on [0, extent); zeros beyond, where y is 0. scratch: len
+// elements for write_row_vectors. Flattened so that the loops keep the lambdas' captures in
+// registers: called, they reload them after every vector store (an intrinsic's store may alias
+// anything). (The forward is not flattened: it is slower so.)
 template <typename scalar_t>
-__attribute__((flatten)) void softmax_backward_row(const scalar_t* g, const scalar_t* y, int64_t n,
-                                                   int64_t Lk, acc_type<scalar_t> scale,
-                                                   scalar_t* scratch, scalar_t* dx, bool stream) {
+__attribute__((flatten)) void softmax_backward_row(const scalar_t* g, const scalar_t* y,
+                                                   int64_t extent, int64_t Lk,
+                                                   acc_type<scalar_t> scale, scalar_t* scratch,
+                                                   scalar_t* dx, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  const Vec dot(row_sum<acc_t>(n, [&](int64_t j, int64_t count) {
+  const Vec dot(row_sum<acc_t>(extent, [&](int64_t j, int64_t count) {
     return load(y + j, count) * load(g + j, count);  // lanes past the row are 0
   }));
-  write_row_vectors(dx, n, Lk, stream, scratch, [&](int64_t j, int64_t count) {
+  write_row_vectors(dx, extent, Lk, stream, scratch, [&](int64_t j, int64_t count) {
     return Vec(scale) * load(y + j, count) * (load(g + j, count) - dot);
   });
 }
@@ -315,9 +317,9 @@ void softmax_backward_rows(const at::Tensor& grad, const at::Tensor& out,
   std::vector<scalar_t> scratch(stream ? static_cast<size_t>(tasks * Lk) : 0);
   parallel_rows(rows, Lk, tasks, [&](int64_t task, const RowBlock& block) {
     const auto prefetch = [&](int64_t row) {
-      const int64_t n = masks.extent(row);
-      prefetch_row(g + row * Lk, n, Lk);
-      prefetch_row(y + row * Lk, n, Lk);
+      const int64_t extent = masks.extent(row);
+      prefetch_row(g + row * Lk, extent, Lk);
+      prefetch_row(y + row * Lk, extent, Lk);
     };
     const int64_t ahead = prefetch_distance<scalar_t>(Lk);
     rows_prefetched(block, ahead, ahead / 4, prefetch, [&](int64_t row) {

@@ -27,7 +27,7 @@ int64_t prefetch_distance(int64_t row_len) {
   return std::clamp<int64_t>(kPrefetchBytes / row_bytes, 1, 32);
 }
 
-// Prefetches keys [0, n) of a row of row_len elements at `row` (partial rows only).
+// Prefetches elements [0, n) of a row of row_len elements at `row` (partial rows only).
 template <typename T>
 void prefetch_row(const T* row, int64_t n, int64_t row_len) {
   if (n < row_len) {

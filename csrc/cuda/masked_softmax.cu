@@ -138,11 +138,11 @@ struct RowKeys {
 
   __device__ __forceinline__ int64_t extent(int64_t b, int64_t i) const {
     if (query_lengths != nullptr && i >= query_lengths[b]) return 0;
-    int64_t n = Lk;
-    if (lengths != nullptr) n = ::min(n, lengths[b]);
-    if (causal == 1) n = ::min(n, i + 1);
-    if (causal == 2) n = ::min(n, i + 1 + Lk - Lq);
-    return ::max(n, int64_t{0});
+    int64_t end = Lk;
+    if (lengths != nullptr) end = ::min(end, lengths[b]);
+    if (causal == 1) end = ::min(end, i + 1);
+    if (causal == 2) end = ::min(end, i + 1 + Lk - Lq);
+    return ::max(end, int64_t{0});
   }
 };
 
