@@ -80,15 +80,28 @@ def window_mask(
     Replaces ``ones(Lq, Lk).tril(o + right).triu(o - left).bool()``.
     """
     Lk = Lq if Lk is None else Lk
-    left, right = check_window(window)
     if align not in ALIGNMENTS:
         raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
     offset = 0 if align == "top_left" else Lk - Lq
-    keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
-    if right >= 0:
-        keep = keep.tril(diagonal=offset + right)
+    queries = torch.arange(Lq, device=device)[:, None]
+    return window_keep(queries, torch.arange(Lk, device=device)[None, :], window, offset)
+
+
+def window_keep(query: Tensor, key: Tensor, window: tuple[int, int], offset: int | Tensor = 0) -> Tensor:
+    """Bool, the broadcast of the query positions ``query``, the key positions ``key`` and
+    ``offset``: True where query + offset - left <= key <= query + offset + right (-1 = unbounded
+    on that side). The one definition of the window in Python (``window_mask``, the attention
+    composites); causal is the window's right bound at 0.
+
+    Replaces ``(key >= query + offset - left) & (key <= query + offset + right)``.
+    """
+    left, right = check_window(window)
+    diagonal = query + offset
+    keep = torch.ones(torch.broadcast_shapes(diagonal.shape, key.shape), dtype=torch.bool, device=key.device)
     if left >= 0:
-        keep = keep.triu(diagonal=offset - left)
+        keep = keep & (key >= diagonal - left)
+    if right >= 0:
+        keep = keep & (key <= diagonal + right)
     return keep
 
 
@@ -187,14 +200,20 @@ def unpad(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, int]:
 
 def pad(packed: Tensor, cu_seqlens: Tensor, max_len: int) -> Tensor:
     """Packed (total, ...) rows back to (B, max_len, ...) with zeros after each sequence: the
-    inverse of ``unpad`` (flash-attn's ``pad_input``). Differentiable in ``packed``."""
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D (B + 1,), got shape {tuple(cu_seqlens.shape)}")
-    lengths = cu_seqlens.diff().to(torch.int64)
-    if lengths.numel() and int(lengths.max()) > max_len:
-        raise ValueError(f"max_len = {max_len} is less than the longest sequence, {int(lengths.max())}")
-    if int(cu_seqlens[-1]) > packed.shape[0]:
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, past packed's {packed.shape[0]} rows")
+    inverse of ``unpad`` (flash-attn's ``pad_input``). Differentiable in ``packed``.
+
+    ``cu_seqlens``: int32/int64 (B + 1,), 0 = cu[0] <= ... <= cu[B] = total, as ``unpad`` returns
+    it and ``varlen_attention`` takes it (checked by the same functions).
+    """
+    # The ops import this module: their shared checks are imported when called.
+    from .ops._common import check_cu_seqlens, check_cu_seqlens_values, check_int, check_tensor
+
+    check_tensor(packed, "packed")
+    cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", packed, "packed")
+    if check_int(max_len, "max_len") < 0:
+        raise ValueError(f"max_len must be >= 0, got {max_len}")
+    check_cu_seqlens_values(cu, "cu_seqlens", packed.shape[0], "packed", max_len, "max_len")
+    lengths = cu.diff()
     keep = lengths_to_mask(lengths, max_len)
     out = packed.new_zeros((lengths.numel(), max_len, *packed.shape[1:]))
-    return out.index_put((keep,), packed[: int(cu_seqlens[-1])])
+    return out.index_put((keep,), packed)

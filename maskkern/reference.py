@@ -256,6 +256,8 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     scores = q.to(ct) @ k.to(ct).transpose(-2, -1)
+    # v's batch dims are the scores' too (as in SDPA): masks and lengths index them.
+    scores = scores.expand(*torch.broadcast_shapes(scores.shape[:-2], v.shape[:-2]), *scores.shape[-2:])
     left, right = masks.check_window(window)
     if (left, right) != (-1, -1):
         code = masks.causal_code(causal)

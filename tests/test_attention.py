@@ -13,7 +13,13 @@ import maskkern as mk
 from maskkern import reference
 from maskkern.testing import profiled_peak_bytes
 
-from .utils import FLOAT_DTYPES, assert_close, backend_device_params
+from .utils import (
+    FLOAT_DTYPES,
+    assert_close,
+    assert_compiles_fullgraph,
+    assert_forward_backward_close,
+    backend_device_params,
+)
 
 BACKENDS = backend_device_params()
 B, H, LQ, LK, D, DV = 2, 3, 5, 11, 8, 6
@@ -149,15 +155,9 @@ def test_forward_backward_match_sdpa_and_reference(backend, device, case, dtype)
     assert out.dtype == dtype and not out.isnan().any()
     ref, ref_inputs = _expected(q, k, v, mk_kw, sdpa_kw)
     # Three roundings to the input dtype (scaled q·kᵀ, probabilities, output) on O(1) values where
-    # masked_softmax alone has one: fp16/bf16 errors measured up to ~7x the plain tolerance.
-    assert_close(out.double(), ref, dtype, scale=10.0)
-
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
-    for g, rg in zip(grads, ref_grads, strict=True):
-        # The same budget holds for the gradients (measured up to ~7x too).
-        assert_close(g.double(), rg, dtype, scale=10.0)
+    # masked_softmax alone has one: fp16/bf16 errors measured up to ~7x the plain tolerance, for
+    # the output and the gradients alike.
+    assert_forward_backward_close(out, ref, (q, k, v), ref_inputs, dtype, grad_scale=10.0, out_scale=10.0)
 
     after = [q, k, v] + [x for x in mk_kw.values() if torch.is_tensor(x)]
     for now, was in zip(after, before, strict=True):
@@ -269,21 +269,11 @@ def test_gradcheck(backend, device, case):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
-    torch._dynamo.reset()
-
     def f(q, k, v, lengths):
         return mk.attention(q, k, v, lengths=lengths, causal=True, backend=backend).square().sum()
 
     q, k, v = _qkv(torch.float32, device, *SQUARE)
-    lengths = torch.tensor([4, LK], device=device)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    loss = compiled(q, k, v, lengths)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    ref_loss = f(q, k, v, lengths)
-    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
-    torch.testing.assert_close(loss, ref_loss)
-    for g, rg in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, rg)
+    assert_compiles_fullgraph(f, (q, k, v, torch.tensor([4, LK], device=device)), [0, 1, 2], device)
 
 
 def test_default_scale_is_sdpa_scale():
@@ -336,15 +326,8 @@ def _check_against_reference(q, k, v, dtype, backend, **kw):
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_kw = {n: (x.double() if torch.is_tensor(x) and x.is_floating_point() else x) for n, x in kw.items()}
     ref = reference.attention(*ref_in, **ref_kw)
-    assert out.shape == ref.shape and out.dtype == dtype
     # As above: three roundings to fp16/bf16 on O(1) values.
-    assert_close(out.double(), ref, dtype, scale=10.0)
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
-    for g, rg in zip(grads, ref_grads, strict=True):
-        assert not g.isnan().any()
-        assert_close(g.double(), rg, dtype, scale=10.0)
+    assert_forward_backward_close(out, ref, (q, k, v), ref_in, dtype, grad_scale=10.0, out_scale=10.0)
 
 
 def _interpreted(backend):
@@ -415,6 +398,63 @@ def test_grouped_query_heads(backend, device, hq, hkv):
     assert_close(out, sdpa, torch.float64)
 
 
+# D and Dv above 80, to the fused kernels' cap: cpu and torch at every pair, interpreted Triton at
+# one small D = 128 case (its programs cost ~0.5 ms each).
+HEAD_DIMS = [(128, 128), (256, 256), (128, 40), (96, 256), (256, 8)]
+LARGE_HEAD_CASES = [(b, dev, d, dv) for b, dev in BACKENDS if b != "triton" for d, dv in HEAD_DIMS]
+LARGE_HEAD_CASES += [(b, dev, 128, 128) for b, dev in BACKENDS if b == "triton"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend,device,d,dv", LARGE_HEAD_CASES)
+def test_large_head_dims(backend, device, d, dv, dtype):
+    lq, lk = (17, 20) if _interpreted(backend) else (33, 70)  # 70 keys: two of cpu's 64-key tiles
+    q, k, v = (
+        _bhld(1, 2, lq, d, dtype, device),
+        _bhld(1, 2, lk, d, dtype, device),
+        _bhld(1, 2, lk, dv, dtype, device),
+    )
+    lengths = torch.tensor([lk - 3], device=device)
+    _check_against_reference(q, k, v, dtype, backend, lengths=lengths, causal="bottom_right", window=(12, 2))
+
+
+@pytest.mark.parametrize("case", ["padded-window-gqa", "additive", "packed"])
+def test_cuda_composite_with_the_cpu_softmax(case):
+    """backend="cuda" runs cuBLAS matmuls around maskkern's masked softmax (its CUDA kernel): the
+    same composite with the softmax on its cpu kernel, which the CUDA one matches, against the
+    torch composite, forward and backward (with the additive mask's gradient)."""
+    from maskkern.ops.attention import _materialised_bwd, _materialised_fwd, _softmax_composite
+
+    dt = torch.float64
+    q, k, v = (
+        _randn((2, 4, 9, 8), dt, "cpu"),
+        _randn((2, 2, 11, 8), dt, "cpu"),
+        _randn((2, 2, 11, 6), dt, "cpu"),
+    )
+    mask = lengths = qlens = cu_q = cu_k = None
+    causal, left, right = 2, 4, -1
+    if case == "padded-window-gqa":
+        mask = (torch.rand(2, 1, 9, 11) < 0.7).expand(2, 4, 9, 11)
+        lengths, qlens = torch.tensor([5, 11]), torch.tensor([9, 4])
+    elif case == "additive":
+        mask = _additive((2, 4, 9, 11), dt, "cpu")
+        causal, left = 1, -1
+    else:
+        q, k, v = q[:1], k[:1], v[:1]
+        cu_q, cu_k = torch.tensor([0, 3, 3, 9]), torch.tensor([0, 5, 6, 11])
+        left, right = 2, 1
+    args = (lengths, qlens, cu_q, cu_k, 9, 11, causal, left, right, 0.3, 64, 64)
+    fwd, bwd = _softmax_composite("cpu")
+    out, _ = fwd(q, k, v, mask, None, *args)
+    ref, lse = _materialised_fwd(q, k, v, mask, None, *args)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    got = bwd(grad, q, k, v, out, None, mask, None, *args, want_ds=True)
+    want = _materialised_bwd(grad, q, k, v, ref, lse, mask, None, *args, want_ds=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def _padding_causal_mask(lengths, lq, lk, device):
     return _key_mask(lengths, lk) & _tril(lq, lk, device)
 
@@ -451,6 +491,36 @@ def test_mask_tiles_summary():
     assert tiles[0, 0].tolist() == [[2, 0, 0], [1, 0, 0], [0, 0, 2]]
     keys = torch.tensor([True, True, False])[None, None, None, :]  # a broadcast query dim stays one tile
     assert mask_tiles(keys, 64, 2).tolist() == [[[[2, 0]]]]
+    assert mask_tiles(keys.expand(2, 3, 40, 3), 16, 2).shape == (1, 1, 1, 2)  # stride 0: stored shape
+
+
+def _tile_counts(m, block_q, block_k):
+    """The kept elements of each tile of m (..., Lq, Lk), counted in a zero-padded copy (a dim of
+    size 1 is one tile)."""
+    (lq, lk), tq, tk = (
+        m.shape[-2:],
+        (1 if m.shape[-2] == 1 else block_q),
+        (1 if m.shape[-1] == 1 else block_k),
+    )
+    nq, nk = -(-lq // tq), -(-lk // tk)
+    padded = F.pad(m.int(), (0, nk * tk - lk, 0, nq * tq - lq))
+    return padded.unflatten(-1, (nk, tk)).unflatten(-3, (nq, tq)).sum((-3, -1))
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 3), (64, 64), (65, 130), (1100, 70)])
+def test_mask_tiles_matches_counting_the_padded_mask(lq, lk):
+    """Against its eager spelling, on random masks with empty, full and partial tiles (above 1024
+    rows: more than one block of tile rows), stored row- or column-major."""
+    from maskkern.ops.attention import mask_tiles
+
+    mask = torch.rand(2, 3, lq, lk) < torch.tensor([0.0, 0.5, 0.98])[:, None, None]
+    mask[1, :, : lq // 2] = True
+    column_major = mask.transpose(-2, -1).contiguous().transpose(-2, -1)
+    for block_q, block_k in ((64, 64), (16, 32), (128, 16)):
+        counts, size = (_tile_counts(m, block_q, block_k) for m in (mask, torch.ones_like(mask[0, 0])))
+        expected = torch.where(counts == 0, 0, torch.where(counts == size, 2, 1)).to(torch.int8)
+        for m in (mask, column_major):
+            assert torch.equal(mask_tiles(m, block_q, block_k), expected)
 
 
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKENDS if b != "triton"])
@@ -470,6 +540,35 @@ def test_forward_holds_no_scores(backend, device):
     assert grad_peak < 48 << 20, f"{grad_peak / 2**20:.1f} MB"  # out, lse, dq, dk, dv: 2 MB each
 
 
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKENDS if b == "cpu"])
+def test_bool_mask_takes_the_memory_lengths_take(backend, device):
+    """A bool mask's tile summary reads it through views, once per call: at q (1, 1, 4095, 64) a
+    padding + causal bool mask (16 MB) takes what lengths + causal take, forward and backward (an
+    int32 copy of it would add 64 MB, a bool or padded one 16 MB); a (512, 512) mask expanded to
+    (4, 8, 512, 512) takes what the (512, 512) one does (an expanded bool copy would add 8 MB)."""
+
+    def peaks(q, k, v, **kw):
+        fwd = profiled_peak_bytes(lambda: mk.attention(q, k, v, **kw, backend=backend))
+        leaf = q.detach().requires_grad_()
+        out = lambda: mk.attention(leaf, k, v, **kw, backend=backend).sum()
+        return fwd, profiled_peak_bytes(lambda: torch.autograd.grad(out(), leaf))
+
+    slack = 1 << 20  # the summary itself (4 kB) and the allocator's rounding
+    L = 4095  # not a whole number of tiles: the ragged last row and column of tiles too
+    q, k, v = (torch.randn(1, 1, L, 64, device=device) for _ in range(3))
+    lengths = torch.tensor([3000], device=device)
+    fwd_lengths, bwd_lengths = peaks(q, k, v, lengths=lengths, causal=True)
+    fwd_mask, bwd_mask = peaks(q, k, v, mask=_padding_causal_mask(lengths, L, L, device))
+    assert fwd_mask < fwd_lengths + slack, f"{fwd_mask / 2**20:.1f} MB, {fwd_lengths / 2**20:.1f} MB"
+    assert bwd_mask < bwd_lengths + slack, f"{bwd_mask / 2**20:.1f} MB, {bwd_lengths / 2**20:.1f} MB"
+
+    q, k, v = (torch.randn(4, 8, 512, 64, device=device) for _ in range(3))
+    tril = _tril(512, 512, device)
+    stored, expanded = peaks(q, k, v, mask=tril), peaks(q, k, v, mask=tril.expand(4, 8, 512, 512))
+    for a, b in zip(expanded, stored, strict=True):
+        assert a < b + slack, f"{a / 2**20:.1f} MB, {b / 2**20:.1f} MB"
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     q, k = _bhld(2, 4, 9, 8, torch.float64, device), _bhld(2, 2, 11, 8, torch.float64, device)
@@ -477,7 +576,7 @@ def test_opcheck(backend, device):
     lengths, mask = torch.tensor([5, 11], device=device), torch.rand(2, 1, 9, 11, device=device) < 0.7
     args = (q, k, v, mask[:, :, :, :], lengths, None, None, None, 9, 11, 1, 4, -1, 0.3, True, backend)
     torch.library.opcheck(torch.ops.maskkern.attention.default, args)
-    out, lse = (x.detach() for x in torch.ops.maskkern.attention(*args))
+    out, lse, tiles = (x.detach() for x in torch.ops.maskkern.attention(*args))
     grad = torch.randn_like(out)
     q, k, v = (x.detach() for x in (q, k, v))  # the backward op has no autograd of its own
     bwd_args = (
@@ -488,6 +587,7 @@ def test_opcheck(backend, device):
         out,
         lse,
         mask,
+        tiles,
         lengths,
         None,
         None,
@@ -506,10 +606,9 @@ def test_opcheck(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph_gqa_window(backend, device):
-    torch._dynamo.reset()
-
     def f(q, k, v, mask):
-        return mk.attention(q, k, v, mask, causal=True, window=(5, 0), enable_gqa=True, backend=backend)
+        out = mk.attention(q, k, v, mask, causal=True, window=(5, 0), enable_gqa=True, backend=backend)
+        return out.square().sum()
 
     q, k, v = (
         _bhld(2, 4, 20, 8, torch.float32, device),
@@ -517,13 +616,7 @@ def test_torch_compile_fullgraph_gqa_window(backend, device):
         _bhld(2, 2, 20, 8, torch.float32, device),
     )
     mask = torch.rand(2, 1, 1, 20, device=device) < 0.8
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    out = compiled(q, k, v, mask)
-    torch.testing.assert_close(out, f(q, k, v, mask))
-    g = torch.autograd.grad(out.sum(), (q, k, v))
-    rg = torch.autograd.grad(f(q, k, v, mask).sum(), (q, k, v))
-    for a, b in zip(g, rg, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiles_fullgraph(f, (q, k, v, mask), [0, 1, 2], device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -571,7 +664,7 @@ def test_gradcheck_gqa_window(backend, device, case):
             ValueError,
             "enable_gqa",
         ),
-        ({"enable_gqa": False}, ValueError, "batch dims"),
+        ({"enable_gqa": False}, ValueError, "batch dims.*4 heads.*enable_gqa=True"),
         (
             {"q": torch.ones(B, 4, LQ, 300), "k": torch.ones(B, 2, LK, 300), "backend": "cpu"},
             ValueError,
@@ -585,3 +678,115 @@ def test_bad_new_arguments(kwargs, exc, match):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(exc, match=match):
         mk.attention(q, k, v, **args)
+
+
+def _contract_args(**change):
+    """Arguments of the cpu kernel ops attention_fwd / attention_bwd (the schema comment in
+    csrc/maskkern.cpp), valid unless ``change`` breaks them: (fwd args, bwd args)."""
+    t = {
+        "q": torch.randn(2, 2, 4, 8, dtype=torch.float64),
+        "k": torch.randn(2, 1, 4, 8, dtype=torch.float64),
+        "v": torch.randn(2, 1, 4, 6, dtype=torch.float64),
+        "mask": None,
+        "tiles": None,
+        "lengths": None,
+        "qlens": None,
+        "cu_q": None,
+        "cu_k": None,
+        "causal": 0,
+        "block_q": 64,
+        "block_k": 64,
+    }
+    t["grad"] = torch.randn(2, 2, 4, 6, dtype=torch.float64)
+    t["out"] = torch.randn(2, 2, 4, 6, dtype=torch.float64)
+    t["lse"] = torch.randn(2, 2, 4, dtype=torch.float64)
+    t |= change
+    masks = (t["mask"], t["tiles"], t["lengths"], t["qlens"], t["cu_q"], t["cu_k"], 4, 4, t["causal"], -1, -1)
+    tail = (*masks, 0.3, t["block_q"], t["block_k"])
+    return (t["q"], t["k"], t["v"], *tail), (t["grad"], t["q"], t["k"], t["v"], t["out"], t["lse"], *tail)
+
+
+def _packed(**change):
+    q, k, v = (
+        torch.randn(1, 2, 6, 8, dtype=torch.float64),
+        torch.randn(1, 1, 6, 8, dtype=torch.float64),
+        torch.randn(1, 1, 6, 6, dtype=torch.float64),
+    )
+    cu = torch.tensor([0, 2, 6])
+    base = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "cu_q": cu,
+        "cu_k": cu,
+        "grad": torch.randn(1, 2, 6, 6, dtype=torch.float64),
+        "out": torch.randn(1, 2, 6, 6, dtype=torch.float64),
+        "lse": torch.randn(1, 2, 6, dtype=torch.float64),
+    }
+    return _contract_args(**(base | change))
+
+
+_F64 = {"dtype": torch.float64}
+KERNEL_CONTRACT_VIOLATIONS = {
+    "q last-dim stride": lambda: _contract_args(q=torch.randn(2, 2, 8, 4, **_F64).transpose(-1, -2)),
+    "k dtype": lambda: _contract_args(k=torch.randn(2, 1, 4, 8)),
+    "q dims": lambda: _contract_args(q=torch.randn(2, 4, 8, **_F64)),
+    "k batch": lambda: _contract_args(k=torch.randn(1, 1, 4, 8, **_F64)),
+    "v keys": lambda: _contract_args(v=torch.randn(2, 1, 5, 6, **_F64)),
+    "gqa heads": lambda: _contract_args(
+        q=torch.randn(2, 3, 4, 8, **_F64),
+        k=torch.randn(2, 2, 4, 8, **_F64),
+        v=torch.randn(2, 2, 4, 6, **_F64),
+    ),
+    "D limit": lambda: _contract_args(
+        q=torch.randn(2, 2, 4, 257, **_F64), k=torch.randn(2, 1, 4, 257, **_F64)
+    ),
+    "lengths size": lambda: _contract_args(lengths=torch.tensor([2])),
+    "lengths dtype": lambda: _contract_args(lengths=torch.tensor([2, 3], dtype=torch.int32)),
+    "query_lengths size": lambda: _contract_args(qlens=torch.tensor([1, 2, 3])),
+    "mask shape": lambda: _contract_args(mask=torch.ones(2, 2, 2, 2, dtype=torch.bool)),
+    "mask broadcast": lambda: _contract_args(mask=torch.ones(1, 1, 4, 4, dtype=torch.bool)),
+    "mask dtype": lambda: _contract_args(mask=torch.zeros(2, 2, 4, 4)),
+    "mask_tiles without mask": lambda: _contract_args(tiles=torch.full((2, 2, 1, 1), 2, dtype=torch.int8)),
+    "mask_tiles shape": lambda: _contract_args(
+        mask=torch.ones(2, 2, 4, 4, dtype=torch.bool), tiles=torch.full((2, 2, 2, 1), 2, dtype=torch.int8)
+    ),
+    "causal code": lambda: _contract_args(causal=3),
+    "block size": lambda: _contract_args(block_q=0),
+    "cu_seqlens alone": lambda: _packed(cu_k=None),
+    "cu_seqlens start": lambda: _packed(cu_q=torch.tensor([1, 2, 6])),
+    "cu_seqlens order": lambda: _packed(cu_q=torch.tensor([0, 4, 2])),
+    "cu_seqlens end": lambda: _packed(cu_k=torch.tensor([0, 2, 7])),
+    "cu_seqlens dtype": lambda: _packed(cu_q=torch.tensor([0, 2, 6], dtype=torch.int32)),
+    "cu_seqlens batch": lambda: _packed(q=torch.randn(2, 2, 6, 8, **_F64)),
+    "cu_seqlens with lengths": lambda: _packed(lengths=torch.tensor([6])),
+}
+
+# Cases that only attention_bwd's extra arguments break.
+BWD_CONTRACT_VIOLATIONS = {
+    "grad_out stride": lambda: _contract_args(grad=torch.randn(2, 2, 6, 4, **_F64).transpose(-1, -2)),
+    "out shape": lambda: _contract_args(out=torch.randn(2, 2, 4, 5, **_F64)),
+    "lse shape": lambda: _contract_args(lse=torch.randn(2, 2, 3, **_F64)),
+    "lse dtype": lambda: _contract_args(lse=torch.randn(2, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("case", ["valid", *KERNEL_CONTRACT_VIOLATIONS, *BWD_CONTRACT_VIOLATIONS])
+def test_kernel_ops_check_their_contract(case):
+    """A direct call of the cpu kernel ops that breaks their contract raises (csrc/checks.h) instead
+    of reading the wrong elements or past the end of a tensor."""
+    if not mk.backends()["cpu"].available:
+        pytest.skip("maskkern._C not built")
+    fwd, bwd = torch.ops.maskkern.attention_fwd, torch.ops.maskkern.attention_bwd
+    if case == "valid":
+        for fwd_args, bwd_args in (_contract_args(), _packed()):
+            fwd(*fwd_args)
+            bwd(*bwd_args)
+        return
+    if case in BWD_CONTRACT_VIOLATIONS:
+        calls = [(bwd, BWD_CONTRACT_VIOLATIONS[case]()[1])]
+    else:
+        calls = zip((fwd, bwd), KERNEL_CONTRACT_VIOLATIONS[case](), strict=True)
+    for op, args in calls:
+        with pytest.raises(RuntimeError, match="kernel contract"):
+            op(*args)

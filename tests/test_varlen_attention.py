@@ -9,7 +9,13 @@ import torch
 import maskkern as mk
 from maskkern import reference
 
-from .utils import FLOAT_DTYPES, assert_close, backend_device_params
+from .utils import (
+    FLOAT_DTYPES,
+    assert_close,
+    assert_compiles_fullgraph,
+    assert_forward_backward_close,
+    backend_device_params,
+)
 
 BACKENDS = backend_device_params()
 
@@ -24,16 +30,11 @@ def _cu(lengths, device):
 
 def _check(backend, dtype, q, k, v, cu_q, cu_k=None, **kw):
     out = mk.varlen_attention(q, k, v, cu_q, cu_k, **kw, backend=backend)
+    assert out.is_contiguous()
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = reference.varlen_attention(*ref_in, cu_q, cu_k, **kw)
-    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
-    assert_close(out.double(), ref, dtype, scale=10.0)  # three roundings, as in test_attention
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
-    for g, rg in zip(grads, ref_grads, strict=True):
-        assert not g.isnan().any()
-        assert_close(g.double(), rg, dtype, scale=10.0)
+    # Three roundings, as in test_attention.
+    assert_forward_backward_close(out, ref, (q, k, v), ref_in, dtype, grad_scale=10.0, out_scale=10.0)
     return out
 
 
@@ -98,14 +99,49 @@ def test_gradcheck(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_torch_compile_fullgraph(backend, device):
-    torch._dynamo.reset()
-    cu = _cu([5, 7], device)
+    def f(q, k, v, cu):
+        out = mk.varlen_attention(q, k, v, cu, max_seqlen_q=7, max_seqlen_k=7, causal=True, backend=backend)
+        return out.square().sum()
+
     q, k, v = (_packed(12, 2, 8, torch.float32, device) for _ in range(3))
-    f = lambda q, k, v: mk.varlen_attention(
-        q, k, v, cu, max_seqlen_q=7, max_seqlen_k=7, causal=True, backend=backend
+    assert_compiles_fullgraph(f, (q, k, v, _cu([5, 7], device)), [0, 1, 2], device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    """The custom op in its packed mode (cu_seqlens, GQA, bottom-right causal, a window)."""
+    cu_q, cu_k = _cu([3, 0, 6], device), _cu([5, 2, 4], device)
+    q = _packed(9, 4, 8, torch.float64, device).detach().transpose(0, 1)[None].requires_grad_()
+    k, v = (_packed(11, 2, d, torch.float64, device).detach().transpose(0, 1)[None] for d in (8, 6))
+    k, v = k.requires_grad_(), v.requires_grad_()
+    args = (q, k, v, None, None, None, cu_q, cu_k, 6, 5, 2, 3, 1, 0.3, True, backend)
+    torch.library.opcheck(torch.ops.maskkern.attention.default, args)
+    out, lse, tiles = (x.detach() for x in torch.ops.maskkern.attention(*args))
+    q, k, v = (x.detach() for x in (q, k, v))  # the backward op has no autograd of its own
+    grad = torch.randn_like(out)
+    bwd_args = (
+        grad,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        None,
+        tiles,
+        None,
+        None,
+        cu_q,
+        cu_k,
+        6,
+        5,
+        2,
+        3,
+        1,
+        0.3,
+        False,
+        backend,
     )
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    torch.library.opcheck(torch.ops.maskkern.attention_backward.default, bwd_args)
 
 
 def test_unpad_pad_round_trip():
@@ -132,12 +168,17 @@ def test_unpad_pad_round_trip():
         (torch.tensor([0, 4, 7]), ValueError, "before the end"),
         (torch.tensor([0.0, 4.0]), TypeError, "cu_seqlens_q"),
         (torch.tensor([[0, 4]]), ValueError, "cu_seqlens_q"),
+        (torch.tensor([0, 8], device="meta"), ValueError, "cu_seqlens_q must be on the same device as q"),
     ],
 )
 def test_bad_cu_seqlens(cu, exc, match):
     q, k, v = (torch.randn(8, 2, 4) for _ in range(3))
     with pytest.raises(exc, match=match):
         mk.varlen_attention(q, k, v, cu)
+    if cu.dim() == 1 and not cu.is_floating_point():
+        # masks.pad takes cu_seqlens too: the same checks.
+        with pytest.raises(exc, match=match.replace("cu_seqlens_q", "cu_seqlens").replace(" q", " packed")):
+            mk.masks.pad(q, cu, 8)
 
 
 def test_bad_varlen_arguments():
@@ -147,8 +188,14 @@ def test_bad_varlen_arguments():
         mk.varlen_attention(q, k[:, :1].expand(8, 3, 4), v[:, :1].expand(8, 3, 4), cu, enable_gqa=True)
     with pytest.raises(ValueError, match="enable_gqa"):
         mk.varlen_attention(q, k[:, :1], v[:, :1], cu)
-    with pytest.raises(ValueError, match="max_seqlen"):
+    with pytest.raises(ValueError, match="max_seqlen_q = 3 is less than cu_seqlens_q's longest"):
         mk.varlen_attention(q, k, v, cu, max_seqlen_q=3)
+    with pytest.raises(ValueError, match="max_seqlen_k = 3 is less than cu_seqlens_k's longest"):
+        mk.varlen_attention(q, k, v, cu, cu, max_seqlen_k=3)
+    with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
+        mk.varlen_attention(q, k, v, cu, max_seqlen_k=3.0)
+    with pytest.raises(ValueError, match="max_len = 3 is less than cu_seqlens's longest"):
+        mk.masks.pad(q, cu, 3)
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         mk.varlen_attention(q, k[:5], v[:5], cu)
     with pytest.raises(ValueError, match="total, heads, dim"):

@@ -47,12 +47,14 @@ def assert_forward_backward_close(
     ref_inputs: Sequence[torch.Tensor],
     dtype: torch.dtype,
     grad_scale: float = 1.0,
+    out_scale: float = 1.0,
 ) -> None:
     """An op's output ``out`` and its gradients w.r.t. ``inputs`` against the fp64 reference ``ref``
     computed from ``ref_inputs`` (fp64 leaf copies of the inputs), for one random incoming
-    gradient: within TOL[dtype], the gradients' atol scaled by ``grad_scale``."""
+    gradient: within TOL[dtype], the output's atol scaled by ``out_scale`` and the gradients' by
+    ``grad_scale``."""
     assert out.shape == ref.shape and out.dtype == dtype
-    assert_close(out.double(), ref, dtype)
+    assert_close(out.double(), ref, dtype, scale=out_scale)
     g = torch.randn_like(ref).to(out.dtype)
     grads = torch.autograd.grad(out, list(inputs), g)
     ref_grads = torch.autograd.grad(ref, list(ref_inputs), g.double())

@@ -54,6 +54,39 @@ def check_broadcastable(x: Tensor, name: str, shape: torch.Size, target: str) ->
         raise ValueError(f"{name} of shape {tuple(x.shape)} does not broadcast to {target} {tuple(shape)}")
 
 
+def check_lengths_tensor(lengths: object, name: str, scores: Tensor) -> Tensor | None:
+    """``lengths`` / ``query_lengths`` of an op over ``scores`` (..., Lq, Lk) (or a stand-in of
+    that shape): None, or an integer (B,) tensor with B = scores.shape[0] (0-d or (1,) for 2-D
+    scores) on scores' device; returned as int64 (B,)."""
+    if lengths is None:
+        return None
+    check_tensor(lengths, name)
+    check_index_dtype(lengths, name)
+    check_same_device(lengths, name, scores, "scores")
+    if scores.dim() == 2:
+        if lengths.dim() > 1 or lengths.numel() != 1:
+            raise ValueError(f"{name} must be 0-d or (1,) for 2-D scores, got shape {tuple(lengths.shape)}")
+    elif tuple(lengths.shape) != (scores.shape[0],):
+        raise ValueError(
+            f"{name} must have shape ({scores.shape[0]},) = (scores.shape[0],), got {tuple(lengths.shape)}"
+        )
+    if lengths.dim() == 1 and lengths.dtype == torch.int64:
+        return lengths  # each op call costs tens of microseconds on a cold cache: skip the no-ops
+    return lengths.reshape(-1).to(torch.int64)
+
+
+def check_cu_seqlens(cu: object, name: str, ref: Tensor, ref_name: str) -> Tensor:
+    """Packed sequences' offsets ``cu`` (n + 1,): an int32/int64 1-D tensor of at least one entry
+    on ``ref``'s device; returned as int64. Its values are checked by check_cu_seqlens_values."""
+    check_tensor(cu, name)
+    if cu.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have dtype int32 or int64, got {cu.dtype}")
+    check_same_device(cu, name, ref, ref_name)
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be 1-D (n + 1,) with n >= 0, got shape {tuple(cu.shape)}")
+    return cu.to(torch.int64)
+
+
 def check_finite_number(x: object, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
@@ -160,6 +193,26 @@ def check_nonnegative_values(x: Tensor | None, name: str) -> None:
     low = int(x.min())  # one reduction and one read: on a CPU tensor a few microseconds
     if low < 0:
         raise ValueError(f"{name} must be >= 0, got min {low}")
+
+
+def check_cu_seqlens_values(
+    cu: Tensor, name: str, total: int, rows_of: str, max_seqlen: int, max_name: str
+) -> None:
+    """0 = cu[0] <= cu[1] <= ... <= cu[n] = total (the rows of ``rows_of``), and no sequence
+    longer than ``max_seqlen`` (the argument ``max_name``)."""
+    host = cu.cpu()
+    if int(host[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    steps = host.diff()
+    if steps.numel() and int(steps.min()) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got a step of {int(steps.min())}")
+    if int(host[-1]) != total:
+        where = "past" if int(host[-1]) > total else "before the end of"
+        raise ValueError(f"{name} must end at {rows_of}'s {total} rows, got {int(host[-1])} ({where} it)")
+    if steps.numel() and int(steps.max()) > max_seqlen:
+        raise ValueError(
+            f"{max_name} = {max_seqlen} is less than {name}'s longest sequence, {int(steps.max())}"
+        )
 
 
 def check_class_targets(target: Tensor, counted: Tensor, n_classes: int, ignore_index: int) -> None:

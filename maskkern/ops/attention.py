@@ -13,18 +13,27 @@ arguments (the schema comment in csrc/maskkern.cpp is their contract):
         window_left, window_right, scale, block_q, block_k) -> (out, lse)
     bwd(grad_out, q, k, v, out, lse, <the same masks>) -> (dq, dk, dv)
 
-``cpu`` and ``triton`` are fused: they never allocate (Lq, Lk), skip the tiles the masks leave
-empty, save only the output and the row logsumexp, and recompute the probabilities in the backward.
-``torch`` (the reference) and ``cuda`` run the materialised composite below: matmuls (cuBLAS on
-CUDA) around a masked softmax, holding the (Lq, Lk) scores.
+The backends:
+
+- ``cpu`` and ``triton`` are fused: they never allocate (Lq, Lk), skip the tiles the masks leave
+  empty, save only the output and the row logsumexp, and recompute the probabilities in the
+  backward. A bool mask's tile summary (``mask_tiles``) is computed once per call, in the forward
+  op, and saved for the backward.
+- ``cuda`` is the composite of the CUDA masked softmax kernel between two cuBLAS matmuls (not
+  fused): (q·scale)·kᵀ -> ``maskkern::masked_softmax(backend="cuda")`` -> ·v in q's dtype, and in
+  the backward ``maskkern::masked_softmax_backward(backend="cuda")`` between the matmuls, holding
+  the (Lq, Lk) scores and probabilities. The window and packed sequences, which the softmax has no
+  argument for, reach it as a bool mask.
+- ``torch`` is the reference composite, all torch ops in the compute dtype (fp32, fp64 for fp64),
+  holding the (Lq, Lk) scores.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import masks
@@ -32,18 +41,22 @@ from .._backend import native_extension_loaded, resolve_backend
 from .._dtypes import compute_dtype
 from ._common import (
     FLOAT_DTYPES,
-    INDEX_DTYPES,
     check_broadcastable,
+    check_cu_seqlens,
+    check_cu_seqlens_values,
     check_dtype,
     check_finite_number,
+    check_int,
+    check_lengths_tensor,
     check_nonnegative_values,
     check_same_device,
     check_tensor,
 )
-from .masked_softmax import _check_lengths
 
 # The cpu kernel's tiles (queries x keys): mask_tiles is built on this grid.
 CPU_BLOCKS = (64, 64)
+# The backends whose kernels are fused (tiled, nothing (Lq, Lk)-sized allocated).
+FUSED = ("cpu", "triton")
 
 
 def attention(
@@ -73,7 +86,9 @@ def attention(
         k: (..., Lk, D), same dtype and device as ``q``.
         v: (..., Lk, Dv), same dtype and device. The batch dims ``...`` of q, k and v broadcast
             together (as in torch.matmul); the scores q·kᵀ have shape (..., Lq, Lk). Read through
-            their strides: a transposed view of (B, L, H, D) memory is not copied.
+            their strides: a transposed view of (B, L, H, D) memory is not copied, nor is a
+            broadcast k or v, unless its batch dims cannot be viewed as one (a broadcast dim
+            before one that is not: k of (B, 1, H2, Lk, D) against q of (B, H1, H2, Lq, D)).
         mask: bool (True = keep) or float (added to the scaled scores), broadcastable to the
             scores; never expanded in memory. A bool mask is summarised per tile once per call, so
             that its empty tiles are skipped and its full ones cost no mask reads.
@@ -89,8 +104,10 @@ def attention(
             head h // (Hq // Hkv), without repeating k and v in memory (as SDPA's).
         check_lengths: False skips the check for negative lengths, which synchronises with the
             host on CUDA; a negative length then masks its whole row, on every backend alike.
-        backend: "triton", "cuda", "cpu", "torch" or None (the default for q's device). "cuda" is
-            the materialised composite (cuBLAS matmuls around the masked softmax), not fused.
+        backend: "triton", "cuda", "cpu", "torch" or None (the default for q's device). "cpu" and
+            "triton" run the fused kernels; "cuda" runs cuBLAS matmuls around the CUDA masked
+            softmax kernel (forward and backward), holding the (Lq, Lk) scores: not fused;
+            "torch" runs the reference composite in torch ops.
 
     Returns:
         (..., Lq, Dv) in q's dtype (the memory of a 4-D result is laid out (B, Lq, H, Dv), as
@@ -113,7 +130,7 @@ def attention(
     except RuntimeError:
         raise ValueError(
             f"the batch dims of q {tuple(lead[0])}, k {tuple(lead[1])} and v {tuple(lead[2])} "
-            "do not broadcast together" + (" (heads at dim -3 excluded: enable_gqa)" if enable_gqa else "")
+            f"do not broadcast together{_heads_hint(q, k, enable_gqa)}"
         ) from None
     Lq, Lk = q.shape[-2], k.shape[-2]
     heads = (q.shape[-3],) if enable_gqa else ()
@@ -128,8 +145,8 @@ def attention(
         check_broadcastable(mask, "mask", scores_shape, "the scores q·kᵀ")
         if mask.is_floating_point() and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
-    lengths = _check_lengths(lengths, "lengths", scores_like)
-    query_lengths = _check_lengths(query_lengths, "query_lengths", scores_like)
+    lengths = check_lengths_tensor(lengths, "lengths", scores_like)
+    query_lengths = check_lengths_tensor(query_lengths, "query_lengths", scores_like)
     code = masks.causal_code(causal)
     left, right = masks.check_window(window)
     scale = _check_scale(scale, q)
@@ -143,7 +160,7 @@ def attention(
     else:
         q4, k4, v4 = (_fold(x, batch, B) for x in (q, k, v))
     mask4 = None if mask is None else _fold_mask(mask, scores_shape)
-    out, _ = torch.ops.maskkern.attention(
+    out, _, _ = torch.ops.maskkern.attention(
         q4, k4, v4, mask4, lengths, query_lengths, None, None, Lq, Lk,
         code, left, right, scale, bool(check_lengths), backend,
     )  # fmt: skip
@@ -199,15 +216,18 @@ def varlen_attention(
             raise ValueError(f"enable_gqa needs q's heads {hq} to be a multiple of k's heads {hkv}")
     elif hq != hkv:
         raise ValueError(f"k must have q's {hq} heads (dim 1) unless enable_gqa, got shape {tuple(k.shape)}")
-    cu_q, max_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, max_seqlen_q, "max_seqlen_q")
+    cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q")
+    max_q = _max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
     if cu_seqlens_k is None:
         if k.shape[0] != q.shape[0]:
             raise ValueError(
                 f"cu_seqlens_k is needed when k's total {k.shape[0]} differs from q's {q.shape[0]}"
             )
-        cu_k, max_k = cu_q, max_q if max_seqlen_k is None else max_seqlen_k
+        cu_k = cu_q
+        max_k = max_q if max_seqlen_k is None else _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
     else:
-        cu_k, max_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k, max_seqlen_k, "max_seqlen_k")
+        cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k, "k")
+        max_k = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
     if cu_k.shape != cu_q.shape:
         raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's {cu_q.numel()} entries, got {cu_k.numel()}")
     code = masks.causal_code(causal)
@@ -216,7 +236,7 @@ def varlen_attention(
     backend = resolve_backend(backend, q.device, "q")
     _check_head_dim(q, v, backend)
     q4, k4, v4 = (_rows_last_dim_contiguous(x).transpose(0, 1)[None] for x in (q, k, v))
-    out, _ = torch.ops.maskkern.attention(
+    out, _, _ = torch.ops.maskkern.attention(
         q4, k4, v4, None, None, None, cu_q, cu_k, max_q, max_k,
         code, left, right, scale, True, backend,
     )  # fmt: skip
@@ -248,8 +268,20 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, min_dim: int, packed: bool = Fal
         raise ValueError(f"v must have k's number of keys, got k {tuple(k.shape)} and v {tuple(v.shape)}")
 
 
+def _heads_hint(q: Tensor, k: Tensor, enable_gqa: bool) -> str:
+    """What to add to the batch dims' error: the heads' part in it."""
+    if enable_gqa:
+        return " (heads at dim -3 excluded: enable_gqa)"
+    if q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        return (
+            f": q has {q.shape[-3]} heads (dim -3) and k {k.shape[-3]}; grouped-query heads "
+            "(q's a multiple of k's) need enable_gqa=True"
+        )
+    return ""
+
+
 def _check_head_dim(q: Tensor, v: Tensor, backend: str) -> None:
-    if backend in ("cpu", "triton"):
+    if backend in FUSED:
         for name, d in (("D (q's last dim)", q.shape[-1]), ("Dv (v's last dim)", v.shape[-1])):
             if d > MAX_HEAD_DIM:
                 raise ValueError(f"{name} must be <= {MAX_HEAD_DIM} on the {backend} backend, got {d}")
@@ -262,43 +294,15 @@ def _check_scale(scale: float | None, q: Tensor) -> float:
     return check_finite_number(scale, "scale")
 
 
-def _check_cu_seqlens(
-    cu: Tensor, name: str, x: Tensor, max_seqlen: int | None, max_name: str
-) -> tuple[Tensor, int]:
-    """cu_seqlens as int64 (n + 1,) and the longest sequence. Its values are checked inside the
-    custom op (``_check_cu_values``); a ``max_seqlen`` of None is read from them here, a host
-    synchronisation that torch.compile(fullgraph=True) cannot trace: give it there."""
-    check_tensor(cu, name)
-    if cu.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name} must have dtype int32 or int64, got {cu.dtype}")
-    check_same_device(cu, name, x, "q" if name.endswith("_q") else "k")
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name} must be 1-D (n + 1,) with n >= 0, got shape {tuple(cu.shape)}")
-    cu = cu.to(torch.int64)
+def _max_seqlen(max_seqlen: int | None, name: str, cu: Tensor) -> int:
+    """``max_seqlen`` checked, or read from ``cu`` when None: a host synchronisation that
+    torch.compile(fullgraph=True) cannot trace (give it there). That no sequence is longer is
+    checked with cu's values, inside the custom op."""
     if max_seqlen is None:
-        return cu, int(cu.diff().max()) if cu.numel() > 1 else 0
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
-    if max_seqlen < 0:
-        raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
-    return cu, max_seqlen
-
-
-def _check_cu_values(cu: Tensor, name: str, total: int, max_seqlen: int) -> None:
-    """Reads the values (a host sync on CUDA): call inside the custom op, as lengths' check."""
-    host = cu.cpu()
-    if int(host[0]) != 0:
-        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
-    steps = host.diff()
-    if steps.numel() and int(steps.min()) < 0:
-        raise ValueError(f"{name} must be non-decreasing, got a step of {int(steps.min())}")
-    if int(host[-1]) != total:
-        where = "past" if int(host[-1]) > total else "before the end of"
-        raise ValueError(f"{name} must end at its tensor's {total} rows, got {int(host[-1])} ({where} it)")
-    if steps.numel() and int(steps.max()) > max_seqlen:
-        raise ValueError(
-            f"max_seqlen = {max_seqlen} is less than {name}'s longest sequence, {int(steps.max())}"
-        )
+        return int(cu.diff().max()) if cu.numel() > 1 else 0
+    if check_int(max_seqlen, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {max_seqlen}")
+    return max_seqlen
 
 
 # --- normalisation to (B, H, L, D) ----------------------------------------------------------------
@@ -309,46 +313,85 @@ def _rows_last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+def _stored(x: Tensor) -> Tensor:
+    """``x`` with each broadcast (stride-0) dim narrowed to size 1: the elements it holds."""
+    return x[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in x.stride())]
+
+
+def _as_bhld(x: Tensor, B: int) -> Tensor:
+    """(..., L, D) as (B, H, L, D): dim 0 is B, the dims between fold into H (a view when their
+    strides allow one, else a copy: reshape)."""
+    return x.reshape(B, math.prod(x.shape[1:-2]), *x.shape[-2:])
+
+
 def _fold(x: Tensor, lead: tuple[int, ...], B: int) -> Tensor:
     """x (..., L, D) broadcast to the batch dims ``lead`` and viewed as (B, H, L, D): dim 0 is B
-    (what lengths index), the rest fold into H. Broadcast dims stay stride 0 (never copied)."""
-    x = _rows_last_dim_contiguous(x).expand(*lead, *x.shape[-2:])
-    if x.dim() == 2:
-        return x[None, None]
-    if x.dim() == 3:
-        return x[:, None]
-    return x.reshape(B, math.prod(lead[1:]), *x.shape[-2:])
+    (what lengths index), the rest fold into H. Broadcast dims stay stride 0, not copied, where
+    the folded dims can be viewed as one; where they cannot (a broadcast dim before one that is
+    not: k (B, 1, H2, L, D) against q (B, H1, H2, L, D)), x is copied into the folded shape."""
+    return _as_bhld(_rows_last_dim_contiguous(x).expand(*lead, *x.shape[-2:]), B)
 
 
 def _fold_mask(mask: Tensor, scores_shape: torch.Size) -> Tensor:
-    """The mask as (B|1, H|1, Lq|1, Lk|1), broadcast dims kept at size 1 so that its tile summary
-    is computed once per distinct tile; H > 1 only where the mask has more than one head."""
-    m = mask.reshape((1,) * (len(scores_shape) - mask.dim()) + tuple(mask.shape))
+    """The mask as (B|1, H|1, Lq|1, Lk|1), H > 1 only where the mask has more than one head,
+    folded as q's heads are; a bool mask over the elements it stores (a broadcast, stride-0 dim
+    becomes size 1), so that its tile summary is computed once per distinct tile. (A float mask
+    keeps its broadcast dims: where one requires grad, each of its elements gets its own.) A
+    view, except when its head dims are broadcast in part in a way no one stride spans (a mask
+    (3, 1, Lq, Lk) against heads (3, 4)): then they are copied."""
+    m = _stored(mask) if mask.dtype == torch.bool else mask
+    m = m[(None,) * (len(scores_shape) - m.dim())]
     if m.dim() == 2:
         return m[None, None]
     if m.dim() == 3:
         return m[:, None]
-    rest = m.shape[1:-2]
-    if all(r == 1 for r in rest):
-        return m.reshape(m.shape[0], 1, *m.shape[-2:])
-    heads = math.prod(scores_shape[1:-2])
-    return m.expand(m.shape[0], *scores_shape[1:-2], *m.shape[-2:]).reshape(m.shape[0], heads, *m.shape[-2:])
+    if all(h == 1 for h in m.shape[1:-2]):
+        return _as_bhld(m, m.shape[0])
+    return _as_bhld(m.expand(m.shape[0], *scores_shape[1:-2], *m.shape[-2:]), m.shape[0])
 
 
 def mask_tiles(mask: Tensor, block_q: int, block_k: int) -> Tensor:
     """int8 summary of a bool mask's (block_q x block_k) tiles over its last two dims: 0 = the
-    tile keeps nothing, 1 = some, 2 = all. A dim of size 1 (broadcast) stays one tile."""
-    *lead, mq, mk = mask.shape
+    tile keeps nothing, 1 = some, 2 = all; over the elements the mask stores (a broadcast, stride-0
+    dim counts as size 1: expand the result to the kernel's grid), and a last dim of size 1 stays
+    one tile. block_q is at most 255 (a tile's column counts are uint8).
+
+    Replaces ``c = m.unflatten(-1, (nk, block_k)).unflatten(-3, (nq, block_q)).sum((-3, -1))``
+    then ``0 if c == 0 else 2 if c == block_q * block_k else 1`` on a mask padded to whole tiles,
+    without allocating anything of the mask's size: a block of tile rows at a time, each tile's
+    kept rows are counted per column (uint8, read through a view of the mask), then the counts'
+    min and max over the tile's columns say whether it keeps all, some or none.
+    """
+    if block_q > 255:
+        raise ValueError(f"block_q must be at most 255 (the counts are uint8), got {block_q}")
+    m = _stored(mask)
+    *lead, mq, mk = m.shape
     tq, tk = (1 if mq == 1 else block_q), (1 if mk == 1 else block_k)
-    nq, nk = -(-mq // tq), -(-mk // tk)
-    kept = mask.view(torch.uint8)
-    if nq * tq != mq or nk * tk != mk:
-        kept = F.pad(kept, (0, nk * tk - mk, 0, nq * tq - mq))
-    counts = kept.reshape(*lead, nq, tq, nk, tk).sum((-3, -1), dtype=torch.int32)
-    rows = (mq - torch.arange(nq, device=mask.device) * tq).clamp(max=tq)
-    cols = (mk - torch.arange(nk, device=mask.device) * tk).clamp(max=tk)
-    full = (rows[:, None] * cols[None, :]).to(torch.int32)
-    return torch.where(counts == 0, 0, torch.where(counts == full, 2, 1)).to(torch.int8)
+    if m.numel() == 0:
+        return torch.zeros((*lead, -(-mq // tq), -(-mk // tk)), dtype=torch.int8, device=m.device)
+    kept = m.view(torch.uint8)
+    whole = mq - mq % tq
+    step = tq * _TILE_ROWS_PER_STEP
+    blocks = [(r, min(r + step, whole), tq) for r in range(0, whole, step)]
+    blocks += [(whole, mq, mq % tq)] if mq % tq else []
+    return torch.cat([_summarise(kept[..., r0:r1, :], height, tk) for r0, r1, height in blocks], -2)
+
+
+# Tile rows mask_tiles summarises at a time: its temporaries stay within this many uint8 rows of
+# the mask's width per head of the mask, whatever Lq.
+_TILE_ROWS_PER_STEP = 16
+
+
+def _summarise(kept: Tensor, height: int, tk: int) -> Tensor:
+    """mask_tiles of ``kept`` (..., R, C) uint8, R a multiple of ``height``: tiles of height x tk
+    (the last column of tiles narrower when tk does not divide C)."""
+    counts = kept.unflatten(-2, (-1, height)).sum(-2, dtype=torch.uint8)  # kept rows per column
+    whole = counts.shape[-1] - counts.shape[-1] % tk
+    spans = [counts[..., :whole].unflatten(-1, (-1, tk))] if whole else []
+    spans += [counts[..., whole:].unsqueeze(-2)] if whole < counts.shape[-1] else []
+    lows, highs = zip(*(span.aminmax(dim=-1) for span in spans), strict=True)
+    low, high = torch.cat(lows, -1), torch.cat(highs, -1)
+    return (high > 0).to(torch.int8) + (low == height).to(torch.int8)
 
 
 # --- per-backend kernels ------------------------------------------------------------------------
@@ -369,6 +412,8 @@ def _kernels(backend: str):
         from ..triton_kernels import attention as tk
 
         return tk.attention_fwd, tk.attention_bwd
+    if backend == "cuda":
+        return _softmax_composite("cuda")
     return _materialised_fwd, _materialised_bwd
 
 
@@ -393,13 +438,9 @@ def _visible(Lq, Lk, lengths, query_lengths, cu_q, cu_k, causal, left, right, de
             keep = keep & (j < lengths.view(-1, 1, 1, 1))
         if query_lengths is not None:
             keep = keep & (i < query_lengths.view(-1, 1, 1, 1))
-    if causal:
-        keep = keep & (j <= i + offset)
-    if left >= 0:
-        keep = keep & (j >= i + offset - left)
-    if right >= 0:
-        keep = keep & (j <= i + offset + right)
-    return keep
+    if causal:  # the window's right bound at the diagonal
+        right = 0 if right < 0 else min(right, 0)
+    return keep & masks.window_keep(i, j, (left, right), offset)
 
 
 def _materialised_probs(q, k, mask, lse, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale):
@@ -451,27 +492,120 @@ def _materialised_bwd(grad, q, k, v, out, lse, mask, tiles, lengths, query_lengt
     return (*grads, ds) if want_ds else grads
 
 
+def _softmax_composite(softmax_backend: str):
+    """(fwd, bwd) of the composite around maskkern's masked softmax on ``softmax_backend``: the
+    ``cuda`` backend's kernels (cuBLAS matmuls around the CUDA masked softmax kernel)."""
+    return (
+        functools.partial(_softmax_composite_fwd, softmax_backend=softmax_backend),
+        functools.partial(_softmax_composite_bwd, softmax_backend=softmax_backend),
+    )
+
+
+def _by_kv_head(x: Tensor, hkv: int) -> Tensor:
+    """(B, Hq, L, d) -> (B, Hkv, group * L, d): the rows of the query heads that read one kv head
+    stacked, so that one matmul per kv head serves its whole group (k and v are not repeated)."""
+    return x.reshape(x.shape[0], hkv, x.shape[1] * x.shape[2] // max(hkv, 1), x.shape[3])
+
+
+def _softmax_masks(q, k, mask, cu_q, cu_k, causal, left, right):
+    """(mask, causal) for the masked softmax: the masks it has no argument for, packed sequences
+    (with each one's causal diagonal) and the window, as a bool mask ANDed into a bool ``mask``
+    or filled with -inf into an additive one. Packed, its own causal is off: it would align to
+    the whole packed (total_q, total_k) matrix."""
+    if cu_q is None and left < 0 and right < 0:
+        return mask, causal
+    keep = _visible(q.shape[2], k.shape[2], None, None, cu_q, cu_k, causal, left, right, q.device)
+    causal = causal if cu_q is None else 0
+    if mask is None:
+        return keep, causal
+    if mask.dtype == torch.bool:
+        return mask & keep, causal
+    return mask.masked_fill(~keep, float("-inf")), causal
+
+
+def _softmax_composite_probs(q, k, mask, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale,
+                             softmax_backend):  # fmt: skip
+    """(P (B, Hq, Lq, Lk), q·scale stacked by kv head, the softmax's mask and causal): the scores
+    (q·scale)·kᵀ in q's dtype (scaling q keeps fp16 scores in range), then the masked softmax."""
+    qs = _by_kv_head(q * scale, k.shape[1])
+    s = (qs @ k.transpose(-2, -1)).view(*q.shape[:3], k.shape[2])
+    mask, causal = _softmax_masks(q, k, mask, cu_q, cu_k, causal, left, right)
+    # Negative lengths were checked (or let through) by the attention op already.
+    p = torch.ops.maskkern.masked_softmax(
+        s, mask, lengths, query_lengths, causal, 1.0, False, softmax_backend
+    )
+    return p, qs, mask, causal
+
+
+def _softmax_composite_fwd(q, k, v, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k,
+                           causal, left, right, scale, block_q, block_k, *, softmax_backend):  # fmt: skip
+    """(out, lse = empty): the backward recomputes P with the masked softmax, not from lse."""
+    p, _, _, _ = _softmax_composite_probs(
+        q, k, mask, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale, softmax_backend
+    )
+    out = (_by_kv_head(p, k.shape[1]) @ v).view(*q.shape[:3], v.shape[3])
+    return _blhd(out, q.dtype), q.new_empty((0,), dtype=compute_dtype(q.dtype))
+
+
+def _softmax_composite_bwd(grad, q, k, v, out, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k,
+                           max_q, max_k, causal, left, right, scale, block_q, block_k, want_ds=False, *,
+                           softmax_backend):  # fmt: skip
+    """(dq, dk, dv[, dS]) through the masked softmax's backward kernel; dS, the gradient of the
+    scaled scores, is also an additive mask's."""
+    p, qs, soft_mask, soft_causal = _softmax_composite_probs(
+        q, k, mask, lengths, query_lengths, cu_q, cu_k, causal, left, right, scale, softmax_backend
+    )
+    hkv = k.shape[1]
+    do = _by_kv_head(grad, hkv)
+    dp = (do @ v.transpose(-2, -1)).view(p.shape)
+    keep = soft_mask if soft_mask is not None and soft_mask.dtype == torch.bool else None
+    ds = torch.ops.maskkern.masked_softmax_backward(
+        dp, p, keep, lengths, query_lengths, soft_causal, 1.0, softmax_backend
+    )
+    ds_rows = _by_kv_head(ds, hkv)
+    dq = (ds_rows @ k).view(q.shape) * scale
+    dk = ds_rows.transpose(-2, -1) @ qs
+    dv = _by_kv_head(p, hkv).transpose(-2, -1) @ do
+    grads = tuple(_blhd(g, q.dtype) for g in (dq, dk, dv))
+    return (*grads, ds) if want_ds else grads
+
+
 # --- the custom ops -----------------------------------------------------------------------------
 
 
-def _expanded(q, k, mask, backend):
-    """The mask expanded to (B, Hq, Lq, Lk) (a view) and, for a bool one on a fused backend, its
-    tile summary on the kernel's grid, also expanded: computed once per call per distinct tile."""
+def _kernel_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """``backend``, or "torch" where a fused one has nothing to tile: the composite then gives the
+    empty or all-zero result."""
+    if backend in FUSED and (q.numel() == 0 or k.numel() == 0 or v.numel() == 0):
+        return "torch"
+    return backend
+
+
+def _tile_summary(q: Tensor, mask: Tensor | None, backend: str) -> Tensor:
+    """A bool mask's mask_tiles on the fused ``backend``'s grid; empty otherwise."""
+    if mask is None or mask.dtype != torch.bool or backend not in FUSED:
+        return q.new_empty((0,), dtype=torch.int8)
+    return mask_tiles(mask, *_blocks(backend, q))
+
+
+def _expanded(q, k, mask, tiles, backend):
+    """The mask expanded to (B, Hq, Lq, Lk) and, on a fused backend, its tile summary expanded to
+    the kernel's grid: views, for the kernels."""
     if mask is None:
         return None, None
-    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    tiles = None
-    if mask.dtype == torch.bool and backend in ("cpu", "triton"):
-        block_q, block_k = _blocks(backend, q)
-        t = mask_tiles(mask, block_q, block_k)
-        tiles = t.expand(*shape[:2], -(-shape[2] // block_q), -(-shape[3] // block_k))
-    return mask.expand(shape), tiles
+    B, Hq, Lq, Lk = shape = _scores_shape(q, k)
+    if tiles is None or not tiles.numel() or backend not in FUSED:
+        return mask.expand(shape), None
+    block_q, block_k = _blocks(backend, q)
+    return mask.expand(shape), tiles.expand(B, Hq, -(-Lq // block_q), -(-Lk // block_k))
 
 
-def _out_like(q, v):
+def _out_like(q, v, backend):
+    """Empty (out, lse) as the forward kernels return them (lse is empty on cuda)."""
     B, Hq, Lq = q.shape[:3]
     out = q.new_empty((B, Lq, Hq, v.shape[-1])).transpose(1, 2)
-    return out, q.new_empty((B, Hq, Lq), dtype=compute_dtype(q.dtype))
+    lse_shape = (0,) if backend == "cuda" else (B, Hq, Lq)
+    return out, q.new_empty(lse_shape, dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("maskkern::attention", mutates_args=())
@@ -492,22 +626,24 @@ def _attention_op(
     scale: float,
     check_lengths: bool,
     backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, mask_tiles): lse, the rows' logsumexp, is empty on cuda (its backward
+    recomputes the probabilities with the masked softmax); mask_tiles, a bool mask's tile summary
+    on a fused backend (else empty), is computed here once per call and saved for the backward."""
     if check_lengths:
         check_nonnegative_values(lengths, "lengths")
         check_nonnegative_values(query_lengths, "query_lengths")
     if cu_seqlens_q is not None:
-        _check_cu_values(cu_seqlens_q, "cu_seqlens_q", q.shape[2], max_seqlen_q)
-        _check_cu_values(cu_seqlens_k, "cu_seqlens_k", k.shape[2], max_seqlen_k)
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        backend = "torch"  # nothing to tile: the composite gives the empty or all-zero result
-    mask4, tiles = _expanded(q, k, mask, backend)
-    block_q, block_k = _blocks(backend, q)
-    fwd = _kernels(backend)[0]
-    return fwd(
-        q, k, v, mask4, tiles, lengths, query_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, causal, window_left, window_right, scale, block_q, block_k,
+        check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[2], "q", max_seqlen_q, "max_seqlen_q")
+        check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.shape[2], "k", max_seqlen_k, "max_seqlen_k")
+    tiles = _tile_summary(q, mask, backend)
+    run = _kernel_backend(backend, q, k, v)
+    mask4, tiles4 = _expanded(q, k, mask, tiles, run)
+    out, lse = _kernels(run)[0](
+        q, k, v, mask4, tiles4, lengths, query_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal, window_left, window_right, scale, *_blocks(run, q),
     )  # fmt: skip
+    return out, lse, tiles
 
 
 @_attention_op.register_fake
@@ -529,7 +665,7 @@ def _(
     check,
     backend,
 ):
-    return _out_like(q, v)
+    return (*_out_like(q, v, backend), _tile_summary(q, mask, backend))
 
 
 @torch.library.custom_op("maskkern::attention_backward", mutates_args=())
@@ -541,6 +677,7 @@ def _attention_backward_op(
     out: Tensor,
     lse: Tensor,
     mask: Tensor | None,
+    mask_tiles: Tensor | None,
     lengths: Tensor | None,
     query_lengths: Tensor | None,
     cu_seqlens_q: Tensor | None,
@@ -555,22 +692,19 @@ def _attention_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask): dmask (B, Hq, Lq, Lk) only when ``mask_grad`` (a float mask that
-    requires grad: its gradient is (Lq, Lk)-sized, so the backward runs the composite), else
-    empty."""
+    requires grad: its gradient is (Lq, Lk)-sized, so a fused backend runs the torch composite),
+    else empty. ``mask_tiles``: the forward's (None or empty: the mask's elements are read)."""
     args = (lengths, query_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     args += (causal, window_left, window_right, scale)
-    empty = q.new_empty((0,))
-    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        backend = "torch"
+    run = _kernel_backend(backend, q, k, v)
     grad = _rows_last_dim_contiguous(grad)
+    mask4, tiles = _expanded(q, k, mask, mask_tiles, run)
     if mask_grad:
-        mask4 = mask.expand(_scores_shape(q, k))
-        dq, dk, dv, ds = _materialised_bwd(grad, q, k, v, out, lse, mask4, None, *args, 0, 0, want_ds=True)
+        bwd = _kernels("cuda" if run == "cuda" else "torch")[1]
+        dq, dk, dv, ds = bwd(grad, q, k, v, out, lse, mask4, None, *args, 0, 0, want_ds=True)
         return dq, dk, dv, ds.to(mask.dtype)
-    mask4, tiles = _expanded(q, k, mask, backend)
-    bwd = _kernels(backend)[1]
-    dq, dk, dv = bwd(grad, q, k, v, out, lse, mask4, tiles, *args, *_blocks(backend, q))
-    return dq, dk, dv, empty
+    dq, dk, dv = _kernels(run)[1](grad, q, k, v, out, lse, mask4, tiles, *args, *_blocks(run, q))
+    return dq, dk, dv, q.new_empty((0,))
 
 
 def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
@@ -578,8 +712,8 @@ def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
 
 
 @_attention_backward_op.register_fake
-def _(grad, q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal, left, right,
-      scale, mask_grad, backend):  # fmt: skip
+def _(grad, q, k, v, out, lse, mask, mask_tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal,
+      left, right, scale, mask_grad, backend):  # fmt: skip
     grads = tuple(_blhd(torch.empty_like(x), x.dtype) for x in (q, k, v))
     dmask = q.new_empty(_scores_shape(q, k)) if mask_grad else q.new_empty((0,))
     return (*grads, dmask)
@@ -604,19 +738,20 @@ def _setup_context(ctx, inputs, output):
         _,
         backend,
     ) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k)
+    out, lse, tiles = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k)
     ctx.config = (max_q, max_k, causal, left, right, scale)
     ctx.backend = backend
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, tiles)
 
 
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k = ctx.saved_tensors
+def _backward(ctx, grad, _grad_lse, _grad_tiles):
+    q, k, v, out, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k = ctx.saved_tensors
     mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = torch.ops.maskkern.attention_backward(
-        grad, q, k, v, out, lse, mask, lengths, query_lengths, cu_q, cu_k, *ctx.config, mask_grad, ctx.backend
-    )
+        grad, q, k, v, out, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k, *ctx.config, mask_grad,
+        ctx.backend,
+    )  # fmt: skip
     dmask = dmask.sum_to_size(mask.shape) if mask_grad else None
     return dq, dk, dv, dmask, *([None] * 12)
 
@@ -631,7 +766,7 @@ def _register_native_fakes() -> None:
     @torch.library.register_fake("maskkern::attention_fwd")
     def _(q, k, v, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal, left, right,
           scale, block_q, block_k):  # fmt: skip
-        return _out_like(q, v)
+        return _out_like(q, v, "cpu")
 
     @torch.library.register_fake("maskkern::attention_bwd")
     def _(grad, q, k, v, out, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal,

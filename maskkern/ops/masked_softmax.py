@@ -24,7 +24,7 @@ from ._common import (
     check_broadcastable,
     check_dtype,
     check_finite_number,
-    check_index_dtype,
+    check_lengths_tensor,
     check_nonnegative_values,
     check_same_device,
     check_tensor,
@@ -79,8 +79,8 @@ def masked_softmax(
         check_broadcastable(mask, "mask", scores.shape, "scores")
         if mask.is_floating_point() and mask.dtype != scores.dtype:
             mask = mask.to(scores.dtype)
-    lengths = _check_lengths(lengths, "lengths", scores)
-    query_lengths = _check_lengths(query_lengths, "query_lengths", scores)
+    lengths = check_lengths_tensor(lengths, "lengths", scores)
+    query_lengths = check_lengths_tensor(query_lengths, "query_lengths", scores)
     code = masks.causal_code(causal)
     scale = check_finite_number(scale, "scale")
     backend = resolve_backend(backend, scores.device, "scores")
@@ -88,25 +88,6 @@ def masked_softmax(
     return torch.ops.maskkern.masked_softmax(
         scores, mask, lengths, query_lengths, code, scale, check, backend
     )
-
-
-def _check_lengths(lengths: Tensor | None, name: str, scores: Tensor) -> Tensor | None:
-    """Shape/dtype/device checks; returns int64 (B,) (B = 1 for 2-D scores)."""
-    if lengths is None:
-        return None
-    check_tensor(lengths, name)
-    check_index_dtype(lengths, name)
-    check_same_device(lengths, name, scores, "scores")
-    if scores.dim() == 2:
-        if lengths.dim() > 1 or lengths.numel() != 1:
-            raise ValueError(f"{name} must be 0-d or (1,) for 2-D scores, got shape {tuple(lengths.shape)}")
-    elif tuple(lengths.shape) != (scores.shape[0],):
-        raise ValueError(
-            f"{name} must have shape ({scores.shape[0]},) = (scores.shape[0],), got {tuple(lengths.shape)}"
-        )
-    if lengths.dim() == 1 and lengths.dtype == torch.int64:
-        return lengths  # each op call costs tens of microseconds on a cold cache: skip the no-ops
-    return lengths.reshape(-1).to(torch.int64)
 
 
 def _as_4d(x: Tensor) -> Tensor:
