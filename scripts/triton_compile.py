@@ -108,6 +108,7 @@ def _softmax_cases() -> list[tuple[str, Callable[[], None]]]:
 
 
 def _cross_entropy_cases() -> list[tuple[str, Callable[[], None]]]:
+    from maskkern._dtypes import compute_dtype
     from maskkern.triton_kernels import masked_cross_entropy as ce
 
     cases = []
@@ -122,7 +123,7 @@ def _cross_entropy_cases() -> list[tuple[str, Callable[[], None]]]:
                 flags = f"weighted={weighted} grad={with_grad} smoothing={smoothing}"
 
                 def case(dtype=dtype, c=c, weighted=weighted, with_grad=with_grad, smoothing=smoothing):
-                    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+                    cdt = compute_dtype(dtype)
                     logits = torch.randn(4, c).to(dtype)
                     target = torch.tensor([0, 1, c - 1, 2])
                     valid = torch.tensor([True, False, True, True])

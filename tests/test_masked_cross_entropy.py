@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import maskkern as mk
 from maskkern import reference
+from maskkern._dtypes import compute_dtype
 from maskkern.ops.masked_cross_entropy import scale_kernel
 
 from .utils import (
@@ -385,7 +386,7 @@ def test_scale_kernel_skips_rows_that_do_not_count(backend, device):
     for dtype in FLOAT_DTYPES:
         grad = torch.randn(4, 37, dtype=torch.float64).to(dtype).to(device)
         grad[1] = 7  # a row that does not count: left as it is
-        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        cdt = compute_dtype(dtype)
         for factors in ([0.3, float("inf"), 1.0, -2.5], [-0.5]):
             factors = torch.tensor(factors, dtype=cdt, device=device)
             expected = torch.where(valid[:, None], (grad.to(cdt) * factors[:, None]).to(dtype), grad)

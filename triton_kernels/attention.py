@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._backend import triton_interpreting
+from .._dtypes import compute_dtype as torch_compute_dtype
 from ._utils import cast_out, compute_dtype
 
 _LOG2E = 1.4426950408889634  # log2(e): the kernels work in the log2 domain (exp2 is native)
@@ -927,9 +928,11 @@ class _Config(NamedTuple):
 
 
 K = _Kernel
-# (head-dim block, dtype kind) -> config; sm_90 registers per thread with no spill (stack 0) in
-# every scripts/triton_compile.py case. fp16 / bf16 run tensor-core dots; fp32 (IEEE) and fp64 run
-# FMA / DMMA dots and hold twice the bytes per value.
+# (head-dim block, dtype kind) -> config, sized for sm_90's registers: fp16 / bf16 (tensor-core
+# dots, the GPU dtypes) compile without a spill in every scripts/triton_compile.py case. fp32 (IEEE)
+# and fp64 run FMA / DMMA dots and hold twice the bytes per value: their backward kernels spill a
+# little to the stack from the 128 head-dim block on (D > 64), and so does fp64's masked forward at
+# that block.
 _CONFIGS = {
     (64, "half"): _Config(128, 64, K(128, 64, 8, 2), K(16, 64, 4, 2), K(64, 32, 4, 2),
                           K(32, 32, 4, 2), K(16, 64, 4, 2), K(64, 16, 4, 2)),
@@ -1072,7 +1075,7 @@ def attention_fwd(
     sees no key)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = torch_compute_dtype(q.dtype)
     out = torch.empty(B, Lq, Hq, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, Hq, Lq, dtype=cdt, device=q.device)
     n_items = _items(q, cu_seqlens_q)

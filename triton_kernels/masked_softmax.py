@@ -2,13 +2,13 @@
 
 The caller (maskkern/ops/masked_softmax.py) passes scores / grad / out as contiguous (B, H, Lq, Lk);
 a row is one query (b, h, i), flattened as row = (b * H + h) * Lq + i. lengths, query_lengths and
-causal only ever cut a row down to its first ``valid`` keys:
+causal only ever cut a row down to its first ``extent`` keys:
 
-    valid = min(Lk, lengths[b], i + 1 (top-left) or i + 1 + Lk - Lq (bottom-right)),
+    extent = min(Lk, lengths[b], i + 1 (top-left) or i + 1 + Lk - Lq (bottom-right)),
             0 when i >= query_lengths[b]
 
-so nothing at or past ``valid`` is loaded; it is written as zeros. A bool (True = keep) or additive
-mask is read through its 4 strides (0 on broadcast dims), never expanded, and only inside ``valid``.
+so nothing at or past ``extent`` is loaded; it is written as zeros. A bool (True = keep) or additive
+mask is read through its 4 strides (0 on broadcast dims), never expanded, and only inside ``extent``.
 
 A row whose block fits in registers is done in one read and one write, several short rows per
 program (``_fwd_rows_kernel``). A longer row is done in chunks with an online softmax: one pass for
@@ -28,23 +28,23 @@ from ._utils import cast_out, compute_dtype, num_warps, row_block, rows_per_prog
 
 @triton.jit
 def _row_extent(rows, row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS):
-    """(b, h, i, valid) of flat row indices (b * H + h) * Lq + i, the first three as int64 (ready to
-    multiply by strides); valid = the count of leading keys a row may see, 0 where not ``row_ok``
+    """(b, h, i, extent) of flat row indices (b * H + h) * Lq + i, the first three as int64 (ready to
+    multiply by strides); extent = the count of leading keys a row may see, 0 where not ``row_ok``
     (so that all its loads are masked off)."""
     bh = rows // Lq
     i = (rows % Lq).to(tl.int64)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    valid = tl.where(row_ok, Lk, 0).to(tl.int64)
+    extent = tl.where(row_ok, Lk, 0).to(tl.int64)
     if HAS_LENGTHS:
-        valid = tl.minimum(valid, tl.load(lengths_ptr + b, mask=row_ok, other=0))
+        extent = tl.minimum(extent, tl.load(lengths_ptr + b, mask=row_ok, other=0))
     if CAUSAL == 1:
-        valid = tl.minimum(valid, i + 1)
+        extent = tl.minimum(extent, i + 1)
     if CAUSAL == 2:
-        valid = tl.minimum(valid, i + (Lk - Lq + 1))
+        extent = tl.minimum(extent, i + (Lk - Lq + 1))
     if HAS_QLENS:
-        valid = tl.where(i < tl.load(qlens_ptr + b, mask=row_ok, other=0), valid, 0)
-    return b, h, i, tl.maximum(valid, 0)
+        extent = tl.where(i < tl.load(qlens_ptr + b, mask=row_ok, other=0), extent, 0)
+    return b, h, i, tl.maximum(extent, 0)
 
 
 @triton.jit
@@ -90,13 +90,13 @@ def _fwd_rows_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    b, h, i, valid = _row_extent(
+    b, h, i, extent = _row_extent(
         rows.to(IDX), row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
     )
     cols = tl.arange(0, BLOCK)
     offs = rows[:, None] * Lk + cols[None, :]
     mask_offs = (b * smb + h * smh + i * smq)[:, None] + cols[None, :].to(tl.int64) * smk
-    keep = cols[None, :] < valid[:, None]
+    keep = cols[None, :] < extent[:, None]
     z = _load_logits(
         scores_ptr, offs, mask_ptr, mask_offs, keep, tl.full([], scale, COMPUTE), MASK_KIND, COMPUTE
     )
@@ -134,23 +134,25 @@ def _fwd_long_kernel(
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool keep-mask, 2 additive
 ):
     row = tl.program_id(0).to(tl.int64)
-    b, h, i, valid = _row_extent(row, True, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS)
+    b, h, i, extent = _row_extent(
+        row, True, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
+    )
     cols = tl.arange(0, BLOCK)
     base = row * Lk
     mask_base = b * smb + h * smh + i * smq
     scale = tl.full([], scale, COMPUTE)
 
-    # Pass 1 over the valid part only: running max m and sum s of exp(z - m).
+    # Pass 1 over the extent only: running max m and sum s of exp(z - m).
     m = tl.full([], float("-inf"), COMPUTE)
     s = tl.zeros([], COMPUTE)
-    for start in range(0, valid, BLOCK):
+    for start in range(0, extent, BLOCK):
         k = start + cols
         z = _load_logits(
             scores_ptr,
             base + k,
             mask_ptr,
             mask_base + k.to(tl.int64) * smk,
-            k < valid,
+            k < extent,
             scale,
             MASK_KIND,
             COMPUTE,
@@ -170,7 +172,7 @@ def _fwd_long_kernel(
             base + k,
             mask_ptr,
             mask_base + k.to(tl.int64) * smk,
-            k < valid,
+            k < extent,
             scale,
             MASK_KIND,
             COMPUTE,
@@ -204,13 +206,13 @@ def _bwd_rows_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    _, _, _, valid = _row_extent(
+    _, _, _, extent = _row_extent(
         rows.to(IDX), row_ok, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
     )
     cols = tl.arange(0, BLOCK)
     offs = rows[:, None] * Lk + cols[None, :]
-    keep = cols[None, :] < valid[:, None]
-    # Y is 0 past valid, so dX is too: those positions are not loaded.
+    keep = cols[None, :] < extent[:, None]
+    # Y is 0 past extent, so dX is too: those positions are not loaded.
     y = tl.load(out_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
     g = tl.load(grad_ptr + offs, mask=keep, other=0.0).to(COMPUTE)
     dot = tl.sum(y * g, axis=1)[:, None]
@@ -239,16 +241,18 @@ def _bwd_long_kernel(
     BLOCK: tl.constexpr,  # chunk of a row (power of two, < Lk); one row per program
 ):
     row = tl.program_id(0).to(tl.int64)
-    _, _, _, valid = _row_extent(row, True, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS)
+    _, _, _, extent = _row_extent(
+        row, True, H, Lq, Lk, lengths_ptr, qlens_ptr, CAUSAL, HAS_LENGTHS, HAS_QLENS
+    )
     cols = tl.arange(0, BLOCK)
     base = row * Lk
 
-    # Pass 1 over the valid part only; a per-lane accumulator, summed once, loses less to rounding.
+    # Pass 1 over the extent only; a per-lane accumulator, summed once, loses less to rounding.
     acc = tl.zeros([BLOCK], COMPUTE)
-    for start in range(0, valid, BLOCK):
+    for start in range(0, extent, BLOCK):
         k = start + cols
-        y = tl.load(out_ptr + base + k, mask=k < valid, other=0.0).to(COMPUTE)
-        g = tl.load(grad_ptr + base + k, mask=k < valid, other=0.0).to(COMPUTE)
+        y = tl.load(out_ptr + base + k, mask=k < extent, other=0.0).to(COMPUTE)
+        g = tl.load(grad_ptr + base + k, mask=k < extent, other=0.0).to(COMPUTE)
         acc += y * g
     dot = tl.sum(acc, axis=0)
 
@@ -256,8 +260,8 @@ def _bwd_long_kernel(
     scale = tl.full([], scale, COMPUTE)
     for start in range(0, Lk, BLOCK):
         k = start + cols
-        y = tl.load(out_ptr + base + k, mask=k < valid, other=0.0).to(COMPUTE)
-        g = tl.load(grad_ptr + base + k, mask=k < valid, other=0.0).to(COMPUTE)
+        y = tl.load(out_ptr + base + k, mask=k < extent, other=0.0).to(COMPUTE)
+        g = tl.load(grad_ptr + base + k, mask=k < extent, other=0.0).to(COMPUTE)
         tl.store(dx_ptr + base + k, cast_out(scale * y * (g - dot), dx_ptr.dtype.element_ty), mask=k < Lk)
 
 
