@@ -14,6 +14,7 @@ hypothesis' database or its printed blob; hypothesis shrinks shapes and options,
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -280,36 +281,95 @@ def masked_softmax_cases(draw: st.DrawFn, backend: str) -> Case:
     return Case("masked_softmax", dtype, gen, inputs, args, grad_scale=grad_scale, fan_in=fans)
 
 
+windows = st.one_of(st.none(), st.tuples(*[st.integers(-1, MAX_SIZE + 2)] * 2))
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> tuple[int, int, bool]:
+    """(Hq, Hkv, enable_gqa): Hq a multiple of Hkv, equal when enable_gqa is False."""
+    hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    gqa = group > 1 or draw(st.booleans())
+    return hkv * group if gqa else hkv, hkv, gqa
+
+
+def attention_budgets(scale: float | None, d: int, dv: int) -> tuple[float, float]:
+    """(out_scale, grad_scale) of an attention case. Three roundings to the input dtype (scaled
+    q·kᵀ, probabilities, output) where masked_softmax has one (test_attention measured fp16/bf16
+    errors up to ~7x the plain TOL), and a score's rounding error (up to ε/2·|s|, with
+    |s| ~ |scale|·√D for q, k ~ N(0, 1)) passes unchanged into the probabilities' relative error.
+    Over 1000 random examples the errors reached up to ~0.5x of this budget. The probabilities'
+    gradient dY·vᵀ sums Dv products (v, dY ~ N(0, 1)): it, and the error of its rounding, grow with
+    √Dv."""
+    scale = scale if scale is not None else d**-0.5 if d else 1.0
+    budget = 20.0 * max(1.0, abs(scale) * math.sqrt(d))
+    return budget, budget * max(1.0, math.sqrt(dv))
+
+
 @st.composite
 def attention_cases(draw: st.DrawFn, backend: str) -> Case:
     gen, dtype = draw(generators()), draw(st.sampled_from(FLOAT_DTYPES))
     row_budget = ROW_BUDGET.get(backend, DEFAULT_ROW_BUDGET)
-    *batch, lq = draw(shapes(draw(st.integers(1, 3)), row_budget))  # 0 to 2 batch dims, then Lq
+    hq, hkv, gqa = draw(st.one_of(st.just((1, 1, False)), heads()))
+    if gqa:  # heads at dim -3 of q, k and v (q has every batch dim: enable_gqa needs 4 or more)
+        *batch, lq = draw(shapes(draw(st.integers(2, 3)), max(row_budget // hq, 1)))
+        q_heads, kv_heads = (hq,), (hkv,)
+        qb = tuple(1 if draw(st.booleans()) else s for s in batch)
+    else:
+        *batch, lq = draw(shapes(draw(st.integers(1, 3)), row_budget))  # 0 to 2 batch dims, then Lq
+        q_heads = kv_heads = ()
+        qb = draw(broadcast_shapes(tuple(batch)))
     lk, d, dv = (draw(sizes(MAX_SIZE)) for _ in range(3))
     # q, k and v each get a batch shape that broadcasts to the drawn one (as in torch.matmul).
-    qb, kb, vb = (draw(broadcast_shapes(tuple(batch))) for _ in range(3))
-    inputs = {
-        name: draw(layouts(randn(gen, shape, dtype)))
-        for name, shape in (("q", (*qb, lq, d)), ("k", (*kb, lk, d)), ("v", (*vb, lk, dv)))
-    }
-    scores_shape = (*torch.broadcast_shapes(qb, kb, vb), lq, lk)
+    kb, vb = (draw(broadcast_shapes(tuple(batch))) for _ in range(2))
+    shapes_of = (
+        ("q", (*qb, *q_heads, lq, d)),
+        ("k", (*kb, *kv_heads, lk, d)),
+        ("v", (*vb, *kv_heads, lk, dv)),
+    )
+    inputs = {name: draw(layouts(randn(gen, shape, dtype))) for name, shape in shapes_of}
+    scores_shape = (*torch.broadcast_shapes(qb, kb, vb), *q_heads, lq, lk)
     args = draw(masking_args(gen, scores_shape, dtype))
-    args["scale"] = draw(st.one_of(st.none(), scales))
+    args |= {"scale": draw(st.one_of(st.none(), scales)), "window": draw(windows), "enable_gqa": gqa}
     differentiate_mask(draw, inputs, args)
+    # k and v's gradients sum over the query heads of their group too.
     fans = {name: fan_in(x.shape[:-2], scores_shape[:-2]) for name, x in inputs.items() if name != "mask"}
     if "mask" in inputs:
         fans["mask"] = fan_in(inputs["mask"].shape, scores_shape)
-    # Three roundings to the input dtype (scaled q·kᵀ, probabilities, output) where masked_softmax
-    # has one (test_attention measured fp16/bf16 errors up to ~7x the plain TOL), and a score's
-    # rounding error (up to ε/2·|s|, with |s| ~ |scale|·√D for q, k ~ N(0, 1)) passes unchanged
-    # into the probabilities' relative error. Over 1000 random examples the errors reached up to
-    # ~0.5x of this budget.
-    scale = args["scale"] if args["scale"] is not None else d**-0.5 if d else 1.0
-    budget = 20.0 * max(1.0, abs(scale) * math.sqrt(d))
-    # The probabilities' gradient dY·vᵀ sums Dv products (v, dY ~ N(0, 1)): it, and the error of
-    # its rounding, grow with √Dv.
-    grad_budget = budget * max(1.0, math.sqrt(dv))
+    budget, grad_budget = attention_budgets(args["scale"], d, dv)
     return Case("attention", dtype, gen, inputs, args, out_scale=budget, grad_scale=grad_budget, fan_in=fans)
+
+
+@st.composite
+def varlen_attention_cases(draw: st.DrawFn, backend: str) -> Case:
+    gen, dtype = draw(generators()), draw(st.sampled_from(FLOAT_DTYPES))
+    hq, hkv, gqa = draw(heads())
+    # Sequences of 0 or more rows; the rows of all of them times the query heads within budget.
+    cap = max(ROW_BUDGET.get(backend, DEFAULT_ROW_BUDGET) // hq, 1)
+    lengths_q = draw(st.lists(sizes(MAX_SIZE), max_size=4).filter(lambda n: sum(n) <= cap))
+    same = draw(st.booleans())  # cu_seqlens_k None: k's sequences are q's
+    lengths_k = lengths_q if same else [draw(sizes(MAX_SIZE)) for _ in lengths_q]
+    d, dv = draw(sizes(MAX_SIZE)), draw(sizes(MAX_SIZE))
+    shapes_of = (
+        ("q", (sum(lengths_q), hq, d)),
+        ("k", (sum(lengths_k), hkv, d)),
+        ("v", (sum(lengths_k), hkv, dv)),
+    )
+    inputs = {name: draw(layouts(randn(gen, shape, dtype))) for name, shape in shapes_of}
+    cu_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=cu_dtype) for n in (lengths_q, lengths_k))
+    args = {
+        "cu_seqlens_q": cu_q,
+        "cu_seqlens_k": None if same else cu_k,
+        "causal": draw(st.sampled_from([False, True, "bottom_right"])),
+        "scale": draw(st.one_of(st.none(), scales)),
+        "window": draw(windows),
+        "enable_gqa": gqa,
+    }
+    budget, grad_budget = attention_budgets(args["scale"], d, dv)
+    fans = {"k": hq // hkv, "v": hq // hkv}  # the query heads of a kv head's group
+    return Case(
+        "varlen_attention", dtype, gen, inputs, args, out_scale=budget, grad_scale=grad_budget, fan_in=fans
+    )
 
 
 @st.composite
@@ -388,6 +448,7 @@ def linear_cross_entropy_cases(draw: st.DrawFn, backend: str) -> Case:
 STRATEGIES: dict[str, Callable[[str], st.SearchStrategy[Case]]] = {
     "masked_softmax": masked_softmax_cases,
     "attention": attention_cases,
+    "varlen_attention": varlen_attention_cases,
     "pad_embedding": pad_embedding_cases,
     "masked_cross_entropy": masked_cross_entropy_cases,
     "linear_cross_entropy": linear_cross_entropy_cases,
@@ -407,16 +468,8 @@ def _masked_softmax_reference(dtype: torch.dtype, scores: Tensor, mask: Tensor |
     return reference.masked_softmax(scores, _as_op_sees_it(mask, dtype), **kw)
 
 
-def _attention_reference(
-    dtype: torch.dtype, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, scale=None, **kw
-) -> Tensor:
-    """q·kᵀ -> reference.masked_softmax -> ·v (maskkern.reference has no attention of its own)."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0  # D = 0: the scores are 0
-    scores = q @ k.mT
-    # The scores carry v's batch dims too (SDPA's broadcasting): masks and lengths index them.
-    scores = scores.expand(*torch.broadcast_shapes(scores.shape[:-2], v.shape[:-2]), *scores.shape[-2:])
-    return reference.masked_softmax(scores, _as_op_sees_it(mask, dtype), scale=scale, **kw) @ v
+def _attention_reference(dtype: torch.dtype, mask: Tensor | None = None, **kw) -> Tensor:
+    return reference.attention(mask=_as_op_sees_it(mask, dtype), **kw)
 
 
 def _linear_cross_entropy_reference(dtype: torch.dtype, chunk_size: int | None = None, **kw) -> Tensor:
@@ -426,6 +479,7 @@ def _linear_cross_entropy_reference(dtype: torch.dtype, chunk_size: int | None =
 REFERENCES: dict[str, Callable[..., Tensor]] = {
     "masked_softmax": _masked_softmax_reference,
     "attention": _attention_reference,
+    "varlen_attention": lambda dtype, **kw: reference.varlen_attention(**kw),
     "pad_embedding": lambda dtype, **kw: reference.pad_embedding(**kw),
     # The class weight is used as drawn: the reference converts it to the compute dtype.
     "masked_cross_entropy": lambda dtype, **kw: reference.masked_cross_entropy(**kw),
