@@ -55,19 +55,19 @@ TORCH_LIBRARY(maskkern, m) {
   // valid (N,) is true; the other rows (zeros) are left as they are.
   m.def("masked_cross_entropy_scale_(Tensor(a!) grad, Tensor valid, Tensor grad_loss) -> ()");
   // attention (flash-style; nothing (Lq, Lk)-sized is allocated):
-  // q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides with stride(-1) == 1;
-  // Hq % Hkv == 0 and query head h reads kv head h / (Hq / Hkv). mask None or a (B, Hq, Lq, Lk)
-  // strided view: bool (true = keep) or q's dtype (added to the scaled scores). mask_tiles None or,
-  // with a bool mask only, an int8 (B, Hq, ceil(Lq / block_q), ceil(Lk / block_k)) strided view of
-  // the mask's tiles: 0 = keeps nothing, 1 = some, 2 = all. lengths / query_lengths None or int64
-  // (B,). cu_seqlens_q / cu_seqlens_k None or int64 (n + 1,): packed sequences, q is then
-  // (1, Hq, total_q, D) and sequence s owns rows [cu[s], cu[s + 1]) (mask and lengths are None).
-  // max_seqlen_q / max_seqlen_k: the longest sequence (Lq, Lk when not packed). causal 0 = none,
-  // 1 = top-left, 2 = bottom-right; window_left / window_right -1 = unbounded, measured from the
-  // diagonal causal aligns to. block_q x block_k: the kernel's tiles (mask_tiles' grid).
-  // Returns out (B, Hq, Lq, Dv) in q's dtype, a view of (B, Lq, Hq, Dv) contiguous memory, and lse
-  // (B, Hq, Lq) contiguous in the compute dtype (fp32, fp64 for fp64): +inf on a row that sees no
-  // key (its out is zeros, and exp(s - lse) = 0 gives it zero gradient).
+  // q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), D and Dv <= 256, any strides with
+  // stride(-1) == 1; Hq % Hkv == 0 and query head h reads kv head h / (Hq / Hkv). mask None or a
+  // (B, Hq, Lq, Lk) strided view: bool (true = keep) or q's dtype (added to the scaled scores).
+  // mask_tiles None or, with a bool mask only, an int8 (B, Hq, ceil(Lq / block_q), ceil(Lk /
+  // block_k)) strided view of the mask's tiles: 0 = keeps nothing, 1 = some, 2 = all. lengths /
+  // query_lengths None or int64 (B,). cu_seqlens_q / cu_seqlens_k None or int64 (n + 1,): packed
+  // sequences, q is then (1, Hq, total_q, D) and sequence s owns rows [cu[s], cu[s + 1]) (mask and
+  // lengths are None). max_seqlen_q / max_seqlen_k: the longest sequence (Lq, Lk when not packed).
+  // causal 0 = none, 1 = top-left, 2 = bottom-right; window_left / window_right -1 = unbounded,
+  // measured from the diagonal causal aligns to. block_q x block_k: the kernel's tiles (mask_tiles'
+  // grid). Returns out (B, Hq, Lq, Dv) in q's dtype, a view of (B, Lq, Hq, Dv) contiguous memory,
+  // and lse (B, Hq, Lq) contiguous in the compute dtype (fp32, fp64 for fp64): +inf on a row that
+  // sees no key (its out is zeros, and exp(s - lse) = 0 gives it zero gradient).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? mask_tiles, "
       "Tensor? lengths, Tensor? query_lengths, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "

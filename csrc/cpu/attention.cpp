@@ -47,6 +47,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/mask_lanes.h"
 #include "cpu/output_memory.h"
 #include "cpu/parallel.h"
@@ -129,8 +130,6 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t causal,
                        int64_t window_left, int64_t window_right, int64_t block_q,
                        int64_t block_k) {
-  TORCH_INTERNAL_ASSERT(q.dim() == 4 && k.dim() == 4 && v.dim() == 4);
-  TORCH_INTERNAL_ASSERT(causal >= 0 && causal <= 2 && block_q > 0 && block_k > 0);
   Geometry g{};
   g.batch = q.size(0);
   g.Hq = q.size(1);
@@ -139,7 +138,6 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   g.Hkv = k.size(1);
   g.Lk = k.size(2);
   g.Dv = v.size(3);
-  TORCH_INTERNAL_ASSERT(g.Hkv > 0 ? g.Hq % g.Hkv == 0 : g.Hq == 0);
   g.group = g.Hkv > 0 ? g.Hq / g.Hkv : 1;
   g.BQ = block_q;
   g.BK = block_k;
@@ -151,19 +149,7 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   g.query_lengths = query_lengths.defined() ? query_lengths.const_data_ptr<int64_t>() : nullptr;
   g.cu_q = cu_q.defined() ? cu_q.const_data_ptr<int64_t>() : nullptr;
   g.cu_k = cu_k.defined() ? cu_k.const_data_ptr<int64_t>() : nullptr;
-  TORCH_INTERNAL_ASSERT((g.cu_q == nullptr) == (g.cu_k == nullptr));
-  if (g.packed()) {
-    const int64_t n = cu_q.numel() - 1;
-    TORCH_INTERNAL_ASSERT(g.batch == 1 && cu_k.numel() == cu_q.numel() && n >= 0);
-    TORCH_INTERNAL_ASSERT(g.cu_q[0] == 0 && g.cu_q[n] <= g.Lq && g.cu_k[0] == 0 &&
-                          g.cu_k[n] <= g.Lk);
-    g.sequences = n + 1;
-    for (const auto s : c10::irange(n)) {
-      TORCH_INTERNAL_ASSERT(g.cu_q[s] <= g.cu_q[s + 1] && g.cu_k[s] <= g.cu_k[s + 1]);
-    }
-  } else {
-    g.sequences = g.batch;
-  }
+  g.sequences = g.packed() ? cu_q.numel() : g.batch;
   return g;
 }
 
@@ -238,11 +224,9 @@ Mask<scalar_t> mask_of(const c10::optional<at::Tensor>& mask,
   if (!mask.has_value()) {
     return m;
   }
-  TORCH_INTERNAL_ASSERT(mask->dim() == 4);
   if (mask->scalar_type() == at::kBool) {
     m.keep = mask->const_data_ptr<bool>();
     if (mask_tiles.has_value()) {
-      TORCH_INTERNAL_ASSERT(mask_tiles->dim() == 4 && mask_tiles->scalar_type() == at::kChar);
       m.tiles = {mask_tiles->const_data_ptr<int8_t>(), mask_tiles->stride(0), mask_tiles->stride(1),
                  mask_tiles->stride(2), mask_tiles->stride(3)};
     }
@@ -528,13 +512,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t causal, int64_t window_left,
     int64_t window_right, double scale, int64_t block_q, int64_t block_k) {
+  checks::attention_fwd(q, k, v, mask, mask_tiles, lengths, query_lengths, cu_seqlens_q,
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_left, window_right,
+                        block_q, block_k);
   const at::Tensor lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   const at::Tensor qlens = query_lengths.has_value() ? query_lengths->contiguous() : at::Tensor();
   const at::Tensor cu_q = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : at::Tensor();
   const at::Tensor cu_k = cu_seqlens_k.has_value() ? cu_seqlens_k->contiguous() : at::Tensor();
   const Geometry g = make_geometry(q, k, v, lens, qlens, cu_q, cu_k, causal, window_left,
                                    window_right, block_q, block_k);
-  TORCH_INTERNAL_ASSERT(max_seqlen_q >= 0 && max_seqlen_k >= 0);
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = empty_for_writing({g.batch, g.Lq, g.Hq, g.Dv}, q.options()).transpose(1, 2);
   at::Tensor lse = empty_for_writing({g.batch, g.Hq, g.Lq}, q.options().dtype(acc_dtype));
@@ -785,15 +771,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     int64_t causal, int64_t window_left, int64_t window_right, double scale, int64_t block_q,
     int64_t block_k) {
+  checks::attention_bwd(grad_out, q, k, v, out, lse_in, mask, mask_tiles, lengths, query_lengths,
+                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_left,
+                        window_right, block_q, block_k);
   const at::Tensor lens = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   const at::Tensor qlens = query_lengths.has_value() ? query_lengths->contiguous() : at::Tensor();
   const at::Tensor cu_q = cu_seqlens_q.has_value() ? cu_seqlens_q->contiguous() : at::Tensor();
   const at::Tensor cu_k = cu_seqlens_k.has_value() ? cu_seqlens_k->contiguous() : at::Tensor();
   const Geometry g = make_geometry(q, k, v, lens, qlens, cu_q, cu_k, causal, window_left,
                                    window_right, block_q, block_k);
-  TORCH_INTERNAL_ASSERT(max_seqlen_q >= 0 && max_seqlen_k >= 0);
   const at::Tensor lse = lse_in.contiguous();
-  TORCH_INTERNAL_ASSERT(lse.numel() == g.batch * g.Hq * g.Lq);
   at::Tensor dq = empty_for_writing({g.batch, g.Lq, g.Hq, g.D}, q.options()).transpose(1, 2);
   at::Tensor dk = empty_for_writing({g.batch, g.Lk, g.Hkv, g.D}, q.options()).transpose(1, 2);
   at::Tensor dv = empty_for_writing({g.batch, g.Lk, g.Hkv, g.Dv}, q.options()).transpose(1, 2);
