@@ -288,7 +288,7 @@ at::Tensor masked_softmax_fwd(const at::Tensor& scores_in, const c10::optional<a
 // dx = scale * y * (g - sum(y * g)) on [0, extent); zeros beyond, where y is 0. scratch: len
 // elements for write_row_vectors. Flattened so that the loops keep the lambdas' captures in
 // registers: called, they reload them after every vector store (an intrinsic's store may alias
-// anything). (The forward is not flattened: it is slower so.)
+// anything). (The forward is not flattened: there it does not pay.)
 template <typename scalar_t>
 __attribute__((flatten)) void softmax_backward_row(const scalar_t* g, const scalar_t* y,
                                                    int64_t extent, int64_t Lk,

@@ -2,11 +2,11 @@
 // of maskkern gave back, already faulted in.
 //
 // Why: a large allocation comes straight from mmap, and the kernel is the first to touch it, so
-// every call pays the OS to fault in and zero its pages. On our machines that cost more than the
-// kernels themselves: filling a fresh 32 MiB tensor takes ~19 ms in 4 KiB pages (~2.5 ms in 2 MiB
-// pages), a warm one ~1.2 ms. Training loops ask for the same sizes step after step, so a freed
-// output is kept and handed to the next request of the same rounded size, the way PyTorch's CUDA
-// caching allocator does. New blocks are 2 MiB-aligned and advised to use transparent huge pages.
+// every call pays the OS to fault in and zero its pages, which can cost more than the kernel
+// itself. Training loops ask for the same sizes step after step, so a freed output is kept and
+// handed to the next request of the same rounded size, the way PyTorch's CUDA caching allocator
+// does. New blocks are 2 MiB-aligned and advised to use transparent huge pages, which fault in
+// with far less work per byte.
 //
 // The cache holds at most MASKKERN_CPU_CACHE_MB MiB (read at the first output; default 1024; 0
 // turns it off); beyond that the least recently returned blocks are unmapped. empty_cache()

@@ -16,8 +16,7 @@ namespace {  // see the top of the file
 // A row is read only up to its extent, and a read that stops short of the row's end loses the
 // hardware prefetcher. So partial rows are prefetched about kPrefetchBytes ahead, into L2 (the T2
 // hint): far enough to cover memory latency, near enough to stay in L2. Whole rows are left to the
-// hardware prefetcher. (The alternatives tried, and their timings, are in the commit history and
-// bench/results/.)
+// hardware prefetcher.
 constexpr int64_t kPrefetchBytes = 32768;
 
 // Rows to prefetch ahead for rows of row_len elements of T.
