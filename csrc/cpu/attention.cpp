@@ -521,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   const at::Tensor cu_k = cu_seqlens_k.has_value() ? cu_seqlens_k->contiguous() : at::Tensor();
   const Geometry g = make_geometry(q, k, v, lens, qlens, cu_q, cu_k, causal, window_left,
                                    window_right, block_q, block_k);
-  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_dtype = checks::compute_type(q.scalar_type());
   at::Tensor out = empty_for_writing({g.batch, g.Lq, g.Hq, g.Dv}, q.options()).transpose(1, 2);
   at::Tensor lse = empty_for_writing({g.batch, g.Hq, g.Lq}, q.options().dtype(acc_dtype));
   if (out.numel() == 0 && lse.numel() == 0) {
@@ -798,10 +798,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       std::clamp<int64_t>(ceil_div(kSplitTasksPerThread * threads, std::max<int64_t>(pairs, 1)), 1,
                           std::max<int64_t>(max_key_tiles, 1));
   const std::vector<int64_t> order = by_cost(g);
+  const at::ScalarType acc_dtype = checks::compute_type(q.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int64_t lanes = kLanes<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     at::Tensor delta = at::empty({g.batch, g.Hq, g.Lq}, q.options().dtype(acc_dtype));
     row_deltas(g, rows_of<scalar_t>(grad_out), rows_of<scalar_t>(out), delta.data_ptr<acc_t>());
     // dQ is added into in place when one copy suffices and dq's rows are whole vectors.
