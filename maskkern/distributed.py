@@ -1112,63 +1112,55 @@ def _rules():
     def rows_ok(causal, left, right, query_lengths, cu_q):
         return not causal and left < 0 and right < 0 and query_lengths is None and cu_q is None
 
+    def tiles_like(mask, backend: str, dim: int):
+        """The placement of the forward's bool-mask tile summary (its dims are the mask's stored
+        ones, a broadcast dim of size 1) when the scores are sharded at ``dim``; R when empty."""
+        if mask is None or mask.tensor_meta.dtype != torch.bool or backend not in ("cpu", "triton"):
+            return R
+        aligned = dim - (4 - mask.ndim)
+        broadcast = aligned < 0 or mask.shape[aligned] == 1 or mask.tensor_meta.stride[aligned] == 0
+        return R if broadcast else Shard(aligned)
+
     def attention(
         q, k, v, mask, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal, left, right, *rest
     ):
+        backend = rest[-1]
         tail = [None] * (5 + len(rest))
-        out = [
-            (
-                [R, R],
-                [
-                    R,
-                    R,
-                    R,
-                    opt(mask, R),
-                    opt(lengths, R),
-                    opt(query_lengths, R),
-                    opt(cu_q, R),
-                    opt(cu_k, R),
-                    *tail,
-                ],
-            )
-        ]
+        opts = [opt(lengths, R), opt(query_lengths, R), opt(cu_q, R), opt(cu_k, R)]
+        out = [([R, R, R], [R, R, R, opt(mask, R), *opts, *tail])]
         S0, S1, S2 = Shard(0), Shard(1), Shard(2)
         if cu_q is None:
             ins = [S0, S0, S0, like(mask, 4, 0), opt(lengths, S0), opt(query_lengths, S0), None, None]
-            out.append(([S0, S0], ins + tail))
+            out.append(([S0, S0, tiles_like(mask, backend, 0)], ins + tail))
         if heads_ok(q, k):
-            ins = [
-                S1,
-                S1,
-                S1,
-                like(mask, 4, 1),
-                opt(lengths, R),
-                opt(query_lengths, R),
-                opt(cu_q, R),
-                opt(cu_k, R),
-            ]
-            out.append(([S1, S1], ins + tail))
+            ins = [S1, S1, S1, like(mask, 4, 1), *opts]
+            out.append(([S1, S1, tiles_like(mask, backend, 1)], ins + tail))
+        # Row-sharded, each rank summarises its own rows' tiles, which do not tile the global rows:
+        # the summary is declared replicated so that it is never moved, and is only ever handed to
+        # attention_backward under this same strategy (R to R: each rank keeps its own).
         if rows_ok(causal, left, right, query_lengths, cu_q):
             ins = [S2, R, R, like(mask, 4, 2), opt(lengths, R), None, None, None]
-            out.append(([S2, S2], ins + tail))
+            out.append(([S2, S2, R], ins + tail))
         return out
 
     def attention_backward(
-        grad, q, k, v, o, lse, mask, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal, left, right,
-        scale, mask_grad, backend,
+        grad, q, k, v, o, lse, mask, tiles, lengths, query_lengths, cu_q, cu_k, max_q, max_k, causal, left,
+        right, scale, mask_grad, backend,
     ):  # fmt: skip
         tail = [None] * 8
         opts = [opt(lengths, R), opt(query_lengths, R), opt(cu_q, R), opt(cu_k, R)]
-        out = [([R] * 4, [R] * 6 + [opt(mask, R)] + opts + tail)]
+        out = [([R] * 4, [R] * 6 + [opt(mask, R), opt(tiles, R)] + opts + tail)]
         S0, S1, S2 = Shard(0), Shard(1), Shard(2)
         if cu_q is None:
-            ins = [S0] * 6 + [like(mask, 4, 0), opt(lengths, S0), opt(query_lengths, S0), None, None]
+            ins = [S0] * 6 + [like(mask, 4, 0), opt(tiles, tiles_like(mask, backend, 0))]
+            ins += [opt(lengths, S0), opt(query_lengths, S0), None, None]
             out.append(([S0, S0, S0, S0 if mask_grad else R], ins + tail))
         if heads_ok(q, k):
-            ins = [S1] * 6 + [like(mask, 4, 1)] + opts
+            ins = [S1] * 6 + [like(mask, 4, 1), opt(tiles, tiles_like(mask, backend, 1))] + opts
             out.append(([S1, S1, S1, S1 if mask_grad else R], ins + tail))
         if rows_ok(causal, left, right, query_lengths, cu_q):
-            ins = [S2, S2, R, R, S2, S2, like(mask, 4, 2), opt(lengths, R), None, None, None]
+            ins = [S2, S2, R, R, S2, S2, like(mask, 4, 2), opt(tiles, R)]  # tiles: see attention
+            ins += [opt(lengths, R), None, None, None]
             out.append(([S2, Partial(), Partial(), S2 if mask_grad else R], ins + tail))
         return out
 
