@@ -9,7 +9,8 @@
 // Tile skipping. Query i of a sequence sees the keys of one band, [key_begin(i), key_end(i)):
 // lengths (n_k), causal and the window cut it, and both ends grow with i. So a query tile's key
 // tiles are a range computed from its first and last query, and a key tile's query tiles likewise
-// (the backward); tiles outside are never read. mask_tiles removes the tiles a bool mask empties.
+// (the backward); tiles outside are never read. mask_tiles removes the tiles a bool mask empties,
+// in both passes.
 // A tile inside the band of each of its rows, with no bool mask or mask_tiles saying "all kept",
 // takes no per-element mask work; the others (diagonal, edges, window borders, "some") blend -inf
 // in by lane masks. Queries beyond n_q are never computed: their out is zeros, their lse +inf.
@@ -689,6 +690,22 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
                    a.dq_row(split, sq.b, h, sq.q0 + i0, g), g.Hq * a.dq_ld, true);
 }
 
+// Whether any query tile of kv head hk's query heads over queries [query_begin, query_end) keeps
+// something of the key tile at t0 (a tile state other than 0). A key tile that a bool mask empties
+// for all of them is not read, not even packed: its dK and dV rows are zeros.
+template <typename scalar_t>
+bool key_tile_kept(const Geometry& g, const Mask<scalar_t>& mask, const Sequence& sq, int64_t hk,
+                   int64_t t0, int64_t query_begin, int64_t query_end) {
+  for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+    for (int64_t qt = query_begin / g.BQ; qt * g.BQ < query_end; ++qt) {
+      if (mask.state(sq.b, h, qt, t0 / g.BK) != 0) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
 // The task: every split-th key tile of kv head hk of sequence s, against all the query tiles of
 // its query heads that see it. Zeroes first the rows of its copy of dQ that it adds into.
 template <typename scalar_t>
@@ -708,7 +725,7 @@ void backward_task(const Geometry& g, const BackwardArgs<scalar_t>& a, int64_t s
     const int64_t query_begin = nk > 0 ? sq.query_begin(t0) : 0;
     const int64_t query_end = nk > 0 ? sq.query_end(t0 + nk - 1) : 0;
     int64_t written = 0;  // rows of the tile whose dK and dV are computed
-    if (query_begin < query_end) {
+    if (query_begin < query_end && key_tile_kept(g, a.mask, sq, hk, t0, query_begin, query_end)) {
       const scalar_t* k_rows = a.k.row(sq.b, hk, sq.k0 + t0);
       pack_transposed(t.kt.data(), t.ld_k, k_rows, a.k.si, nk, g.D, a.scale);
       pack_transposed(t.vt.data(), t.ld_k, a.v.row(sq.b, hk, sq.k0 + t0), a.v.si, nk, g.Dv,
