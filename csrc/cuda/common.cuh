@@ -71,6 +71,22 @@ struct Sum {
   }
 };
 
+// The max of two partials that keeps a NaN (either one's), as eager's max and log_softmax do.
+struct MaxKeepNaN {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return (a != a || a > b) ? a : b;
+  }
+};
+
+// The max of two partials that ignores a NaN (fmax): the other one wins.
+struct MaxIgnoreNaN {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return ::fmax(a, b);
+  }
+};
+
 // Overloaded (found by argument-dependent lookup) for kernels' own reduction types.
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int offset) {

@@ -30,6 +30,7 @@ namespace {
 
 using device::block_allreduce;
 using device::kWarpSize;
+using device::MaxKeepNaN;
 using device::Sum;
 
 template <typename scalar_t>
@@ -45,13 +46,6 @@ struct Params {
   acc_t* lse;
   int64_t C, row_stride;
   acc_t smoothing, z_loss;
-};
-
-struct Max {
-  template <typename T>
-  __device__ T operator()(T a, T b) const {
-    return (a != a || a > b) ? a : b;  // NaN wins, as in eager
-  }
 };
 
 // Launched with up to 1024 threads: the bound makes ptxas keep registers within what that allows.
@@ -77,8 +71,8 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const Params<scalar
   const int64_t t = p.target[row];
 
   acc_t m = -kInf;
-  for (int64_t j = threadIdx.x; j < C; j += step) m = Max()(m, static_cast<acc_t>(x[j]));
-  m = block_allreduce(m, buf, Max());
+  for (int64_t j = threadIdx.x; j < C; j += step) m = MaxKeepNaN()(m, static_cast<acc_t>(x[j]));
+  m = block_allreduce(m, buf, MaxKeepNaN());
   // The caller checked the target; an unchecked one still reads nothing out of bounds. A NaN,
   // +inf (inf - inf) or an all -inf row gives NaN, as log_softmax does in eager.
   if (t < 0 || t >= C || !isfinite(m)) {

@@ -43,6 +43,7 @@ using device::is_aligned;
 using device::kWarpSize;
 using device::load_pack;
 using device::load_partial;
+using device::MaxIgnoreNaN;
 using device::store_pack;
 using device::store_partial;
 
@@ -101,13 +102,6 @@ __device__ __forceinline__ A inverse_sum(A sum) {
   return sum == A(0) ? A(0) : A(1) / sum;
 }
 
-struct MaxOp {
-  template <typename A>
-  __device__ __forceinline__ A operator()(A a, A b) const {
-    return ::fmax(a, b);
-  }
-};
-
 // Online softmax state of part of a row: its max and sum(exp(z - safe_shift(max))).
 template <typename A>
 struct MaxSum {
@@ -123,7 +117,7 @@ template <typename T>
 struct MergeOp {
   __device__ __forceinline__ MaxSum<acc_t<T>> operator()(MaxSum<acc_t<T>> a,
                                                          MaxSum<acc_t<T>> b) const {
-    const acc_t<T> max = ::fmax(a.max, b.max);
+    const acc_t<T> max = MaxIgnoreNaN{}(a.max, b.max);
     const acc_t<T> shift = safe_shift(max);
     return {max, a.sum * row_exp<T>(a.max - shift) + b.sum * row_exp<T>(b.max - shift)};
   }
@@ -268,9 +262,9 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     for (int c = 0; c < CHUNKS; ++c) {
       r.scaled(p, int64_t{c * group + lane} * V, raw[c], z[c]);
 #pragma unroll
-      for (int v = 0; v < V; ++v) max = MaxOp{}(max, z[c][v]);
+      for (int v = 0; v < V; ++v) max = MaxIgnoreNaN{}(max, z[c][v]);
     }
-    const A shift = safe_shift(group_allreduce(max, group, MaxOp{}));
+    const A shift = safe_shift(group_allreduce(max, group, MaxIgnoreNaN{}));
     A sum = 0;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
@@ -320,7 +314,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
       for (int u = 0; u < U; ++u) {
         r.scaled(p, (c0 + u * stride) * V, raw[u], z[u]);  // past extent: -inf
 #pragma unroll
-        for (int v = 0; v < V; ++v) max = MaxOp{}(max, z[u][v]);
+        for (int v = 0; v < V; ++v) max = MaxIgnoreNaN{}(max, z[u][v]);
       }
       if constexpr (CACHED) {
 #pragma unroll
@@ -341,7 +335,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     }
     A shift, inv;
     if constexpr (CACHED) {
-      shift = safe_shift(block_allreduce(part.max, reinterpret_cast<A*>(red), MaxOp{}));
+      shift = safe_shift(block_allreduce(part.max, reinterpret_cast<A*>(red), MaxIgnoreNaN{}));
       A sum = 0;
       for (int64_t c = threadIdx.x; c < packs_read; c += stride) {
         A e[V];
