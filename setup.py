@@ -50,9 +50,10 @@ CPU_LEVELS = {
     "avx512": [
         *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx2"),
         *("-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"),
-        # GCC 12's own avx512fintrin.h trips its -Wmaybe-uninitialized (GCC bug 105593, fixed in
-        # 13) hundreds of times; the default and avx2 builds of the same sources keep the check.
+        # GCC 12's own avx512fintrin.h trips its -W(maybe-)uninitialized (GCC bug 105593, fixed in
+        # 13) hundreds of times; the default and avx2 builds of the same sources keep the checks.
         "-Wno-maybe-uninitialized",
+        "-Wno-uninitialized",
     ],
 }
 
@@ -77,6 +78,9 @@ def _common_flags(cuda: bool) -> tuple[list[str], list[str], list[str]]:
     """(cxx flags, link flags, torch's include paths)."""
     cxx = ["-O0", "-g"] if _env_flag("DEBUG") else ["-O3"]
     cxx += ["-fdiagnostics-color=always"]
+    # GCC's note that passing 32-byte vectors changed ABI in GCC 4.6: every object of a library is
+    # built by one compiler here, so there is no old ABI to meet.
+    cxx += ["-Wno-psabi"]
     # at::parallel_for is a header template over OpenMP (AT_PARALLEL_OPENMP): compiled without
     # -fopenmp its pragma is ignored and every kernel runs on one thread. libgomp resolves to the
     # copy torch already loaded (same soname), so there is one OpenMP runtime and one thread pool.
