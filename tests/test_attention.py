@@ -19,6 +19,7 @@ from .utils import (
     assert_compiles_fullgraph,
     assert_forward_backward_close,
     backend_device_params,
+    interpreted_fast_gradcheck,
 )
 
 BACKENDS = backend_device_params()
@@ -264,7 +265,8 @@ def test_gradcheck(backend, device, case):
         fn = lambda q, k, v, m: mk.attention(q, k, v, m, **kw, backend=backend)
     else:
         fn = lambda q, k, v: mk.attention(q, k, v, mask, **kw, backend=backend)
-    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=False)
+    fast = interpreted_fast_gradcheck(backend, device) and case != "all-combined"
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -645,7 +647,9 @@ def test_gradcheck_gqa_window(backend, device, case):
     kw = {n: (torch.tensor(x, device=device) if isinstance(x, list) else x) for n, x in kw.items()}
     inputs = _qkv(torch.float64, device, *shapes)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: mk.attention(q, k, v, **kw, backend=backend), tuple(inputs)
+        lambda q, k, v: mk.attention(q, k, v, **kw, backend=backend),
+        tuple(inputs),
+        fast_mode=interpreted_fast_gradcheck(backend, device),
     )
 
 

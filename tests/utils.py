@@ -35,6 +35,14 @@ def backend_device_params() -> list[tuple[str, str]]:
     return [(b, d) for d in DEVICES for b in available_backends(d)]
 
 
+def interpreted_fast_gradcheck(backend: str, device: str) -> bool:
+    """gradcheck's fast mode for a Triton kernel run by the CPU interpreter (~0.1 s a call): the
+    full Jacobian costs two calls per input element, 20-40 s per small attention case. Fast mode
+    checks a random projection of the same Jacobian; each op keeps one full-mode case on the
+    interpreter, and every case runs in full mode on the cpu and torch backends."""
+    return backend == "triton" and device == "cpu"
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True)
