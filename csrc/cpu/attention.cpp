@@ -46,6 +46,7 @@
 #include <memory>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -311,6 +312,17 @@ Vectorized<acc_t> in_band(int64_t first, int64_t begin, int64_t end, int64_t lim
 template <typename acc_t>
 constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
+// The whole vectors holding lanes [begin, end) ∩ [0, limit): where a band's products and masks run.
+template <typename acc_t>
+std::pair<int64_t, int64_t> lane_span(int64_t begin, int64_t end, int64_t limit) {
+  constexpr int64_t lanes = Vectorized<acc_t>::size();
+  const int64_t b = std::clamp<int64_t>(begin, 0, limit), e = std::clamp<int64_t>(end, 0, limit);
+  if (b >= e) {
+    return {0, 0};
+  }
+  return {b / lanes * lanes, round_up(e, lanes)};
+}
+
 // --- forward ---------------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -376,7 +388,13 @@ void forward_key_tile(const Geometry& g, const ForwardArgs<scalar_t>& a, const S
   }
   pack_rows(t.v.data(), t.ld_v, a.v.row(sq.b, hk, sq.k0 + t0), a.v.si, nk, g.Dv);
   acc_t* st = t.st.data();
-  tile_gemm<acc_t>(nk, vecs * lanes, g.D, k, ld_k, 1, t.qt.data(), BQp, st, BQp, false);
+  // A block of keys computes only the query lanes it may see; the rest of its rows is not read.
+  tile_gemm_banded<acc_t>(
+      nk, g.D, k, ld_k, 1, t.qt.data(), BQp, st, BQp, false, [&](int64_t j, int n) {
+        const auto [begin, end] =
+            lane_span<acc_t>(sq.query_begin(t0 + j) - i0, sq.query_end(t0 + j + n - 1) - i0, rows);
+        return Extent{begin, end, 0, g.D};
+      });
 
   // Masks: queries are the lanes of a row of Sᵀ; a key's band is the query range that sees it.
   const Vec minus_inf(-kInf<acc_t>);
@@ -415,23 +433,34 @@ void forward_key_tile(const Geometry& g, const ForwardArgs<scalar_t>& a, const S
       if (begin <= 0 && end >= rows) {
         continue;
       }
-      for (int64_t c = 0; c < vecs * lanes; c += lanes) {
+      const auto [first, last] = lane_span<acc_t>(begin, end, rows);
+      for (int64_t c = first; c < last; c += lanes) {
         const Vec seen = in_band<acc_t>(c, begin, end, vecs * lanes);
         Vec::blendv(minus_inf, Vec::loadu(st + j * BQp + c), seen).store(st + j * BQp + c);
       }
     }
   }
 
-  // Online softmax, down the columns of Sᵀ: P = exp(s - m_new) in place, l and m updated.
+  // Online softmax, down the columns of Sᵀ: P = exp(s - m_new) in place, l and m updated. A
+  // column vector reads only the keys its queries may see, [j0, j1); P is 0 on the others.
   for (int64_t c = 0; c < vecs * lanes; c += lanes) {
+    const int64_t j0 = std::clamp<int64_t>(sq.key_begin(i0 + c) - t0, 0, nk);
+    const int64_t j1 =
+        std::clamp<int64_t>(sq.key_end(i0 + std::min(c + lanes, rows) - 1) - t0, j0, nk);
+    for (int64_t j = 0; j < j0; ++j) {
+      Vec(0).store(st + j * BQp + c);
+    }
+    for (int64_t j = j1; j < nk; ++j) {
+      Vec(0).store(st + j * BQp + c);
+    }
     const Vec m_old = Vec::loadu(t.m.data() + c);
     Vec max0 = m_old, max1 = m_old;
-    int64_t j = 0;
-    for (; j + 2 <= nk; j += 2) {
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {
       max0 = at::vec::maximum(max0, Vec::loadu(st + j * BQp + c));
       max1 = at::vec::maximum(max1, Vec::loadu(st + (j + 1) * BQp + c));
     }
-    if (j < nk) {
+    if (j < j1) {
       max0 = at::vec::maximum(max0, Vec::loadu(st + j * BQp + c));
     }
     const Vec m_new = at::vec::maximum(max0, max1);
@@ -439,7 +468,7 @@ void forward_key_tile(const Geometry& g, const ForwardArgs<scalar_t>& a, const S
     const Vec base = Vec::blendv(m_new, Vec(0), m_new == minus_inf);
     const Vec alpha = fast_exp(m_old - base);
     Vec sum0(0), sum1(0);
-    for (j = 0; j + 2 <= nk; j += 2) {
+    for (j = j0; j + 2 <= j1; j += 2) {
       const Vec p0 = fast_exp(Vec::loadu(st + j * BQp + c) - base);
       const Vec p1 = fast_exp(Vec::loadu(st + (j + 1) * BQp + c) - base);
       p0.store(st + j * BQp + c);
@@ -447,7 +476,7 @@ void forward_key_tile(const Geometry& g, const ForwardArgs<scalar_t>& a, const S
       sum0 = sum0 + p0;
       sum1 = sum1 + p1;
     }
-    if (j < nk) {
+    if (j < j1) {
       const Vec p0 = fast_exp(Vec::loadu(st + j * BQp + c) - base);
       p0.store(st + j * BQp + c);
       sum0 = sum0 + p0;
@@ -465,7 +494,10 @@ void forward_key_tile(const Geometry& g, const ForwardArgs<scalar_t>& a, const S
       }
     }
   }
-  tile_gemm<acc_t>(rows, Dvw, nk, st, 1, BQp, t.v.data(), t.ld_v, t.o.data(), t.ld_v, true);
+  tile_gemm_banded<acc_t>(
+      rows, nk, st, 1, BQp, t.v.data(), t.ld_v, t.o.data(), t.ld_v, true, [&](int64_t r, int n) {
+        return Extent{0, Dvw, sq.key_begin(i0 + r) - t0, sq.key_end(i0 + r + n - 1) - t0};
+      });
 }
 
 // The task: query tile qt of head h of sequence s, every row of it the sequence owns.
@@ -655,8 +687,19 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
   pack_rows(dout, t.ld_v, a.dout.row(sq.b, h, sq.q0 + i0), a.dout.si, rows, g.Dv);
   acc_t* p = t.p.data();
   acc_t* ds = t.ds.data();
-  tile_gemm<acc_t>(rows, nkp, g.D, q, t.ld_d, 1, t.kt.data(), BKp, p, BKp, false);
-  tile_gemm<acc_t>(rows, nkp, g.Dv, dout, t.ld_v, 1, t.vt.data(), BKp, ds, BKp, false);
+  // A block of queries computes S and dP only on the keys it may see, and dQ takes only those.
+  const auto keys_seen = [&](int64_t r, int n) {
+    return std::pair<int64_t, int64_t>{sq.key_begin(i0 + r) - t0, sq.key_end(i0 + r + n - 1) - t0};
+  };
+  const auto key_lanes = [&](int64_t r, int n, int64_t depth) {
+    const auto [begin, end] = keys_seen(r, n);
+    const auto [first, last] = lane_span<acc_t>(begin, end, nk);
+    return Extent{first, last, 0, depth};
+  };
+  tile_gemm_banded<acc_t>(rows, g.D, q, t.ld_d, 1, t.kt.data(), BKp, p, BKp, false,
+                          [&](int64_t r, int n) { return key_lanes(r, n, g.D); });
+  tile_gemm_banded<acc_t>(rows, g.Dv, dout, t.ld_v, 1, t.vt.data(), BKp, ds, BKp, false,
+                          [&](int64_t r, int n) { return key_lanes(r, n, g.Dv); });
 
   const Vec minus_inf(-kInf<acc_t>);
   const int64_t row0 = (sq.b * g.Hq + h) * g.Lq + sq.q0 + i0;
@@ -667,7 +710,15 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
     const int64_t begin = sq.key_begin(i0 + r) - t0, end = sq.key_end(i0 + r) - t0;
     const bool banded = begin > 0 || end < nkp;
     const int64_t mask_row = a.mask.offset(sq.b, h, i0 + r) + t0 * a.mask.sj;
+    // Outside the row's vectors S was not computed: P and dS are 0 there for the products below.
+    const auto [first, last] = lane_span<acc_t>(begin, end, nk);
     for (int64_t c = 0; c < nkp; c += lanes) {
+      if (c < first || c >= last) {
+        Vec(0).store(p_row + c);
+        Vec(0).store(ds_row + c);
+      }
+    }
+    for (int64_t c = first; c < last; c += lanes) {
       Vec s = Vec::loadu(p_row + c);
       if (a.mask.add != nullptr) {
         s = s + add_at(a.mask.add + mask_row, a.mask.sj, c, nk - c);
@@ -684,10 +735,20 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
     }
   }
   const int64_t Dw = round_up(g.D, lanes), Dvw = round_up(g.Dv, lanes);
-  tile_gemm<acc_t>(nk, Dvw, rows, p, 1, BKp, dout, t.ld_v, t.dv.data(), t.ld_v, true);
-  tile_gemm<acc_t>(nk, Dw, rows, ds, 1, BKp, q, t.ld_d, t.dk.data(), t.ld_d, true);
-  tile_gemm<acc_t>(rows, Dw, nk, ds, BKp, 1, t.k.data(), t.ld_d,
-                   a.dq_row(split, sq.b, h, sq.q0 + i0, g), g.Hq * a.dq_ld, true);
+  // A block of keys takes only the queries that may see it.
+  const auto queries_seen = [&](int64_t j, int n, int64_t width) {
+    return Extent{0, width, sq.query_begin(t0 + j) - i0, sq.query_end(t0 + j + n - 1) - i0};
+  };
+  tile_gemm_banded<acc_t>(nk, rows, p, 1, BKp, dout, t.ld_v, t.dv.data(), t.ld_v, true,
+                          [&](int64_t j, int n) { return queries_seen(j, n, Dvw); });
+  tile_gemm_banded<acc_t>(nk, rows, ds, 1, BKp, q, t.ld_d, t.dk.data(), t.ld_d, true,
+                          [&](int64_t j, int n) { return queries_seen(j, n, Dw); });
+  tile_gemm_banded<acc_t>(rows, nk, ds, BKp, 1, t.k.data(), t.ld_d,
+                          a.dq_row(split, sq.b, h, sq.q0 + i0, g), g.Hq * a.dq_ld, true,
+                          [&](int64_t r, int n) {
+                            const auto [begin, end] = keys_seen(r, n);
+                            return Extent{0, Dw, begin, end};
+                          });
 }
 
 // Whether any query tile of kv head hk's query heads over queries [query_begin, query_end) keeps

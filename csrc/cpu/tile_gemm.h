@@ -98,4 +98,41 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_
   }
 }
 
+// The part of a banded product that a block of rows needs: columns [col_begin, col_end) (whole
+// vectors) and K steps [k_begin, k_end).
+struct Extent {
+  int64_t col_begin, col_end, k_begin, k_end;
+};
+
+// C (+)= A · B where each block of up to kTileRows rows from m takes only extent(m, rows): under a
+// band mask the products of a diagonal tile skip the pairs no row of the block can see. What lies
+// outside a block's columns is left as it was; an empty K range stores zeros unless accumulate.
+template <typename T, typename Extent_of>
+void tile_gemm_banded(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, bool accumulate, const Extent_of& extent_of) {
+  constexpr int64_t lanes = at::vec::Vectorized<T>::size();
+  constexpr int64_t strip = kTileVecs * lanes;
+  static_assert(kTileVecs == 2);
+  for (int64_t m = 0; m < M; m += kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
+    const Extent e = extent_of(m, rows);
+    TORCH_INTERNAL_ASSERT(e.col_begin % lanes == 0 && e.col_end % lanes == 0);
+    const int64_t k0 = std::clamp<int64_t>(e.k_begin, 0, K);
+    const int64_t depth = std::clamp<int64_t>(e.k_end, k0, K) - k0;
+    if (depth == 0 && accumulate) {
+      continue;
+    }
+    const T* a = A + m * a_rs + k0 * a_ks;
+    const T* b = B + k0 * ldb;
+    T* c = C + m * ldc;
+    int64_t n = e.col_begin;
+    for (; n + strip <= e.col_end; n += strip) {
+      gemm_rows<T, kTileVecs>(rows, depth, a, a_rs, a_ks, b + n, ldb, c + n, ldc, accumulate);
+    }
+    if (n < e.col_end) {
+      gemm_rows<T, 1>(rows, depth, a, a_rs, a_ks, b + n, ldb, c + n, ldc, accumulate);
+    }
+  }
+}
+
 }  // namespace maskkern
