@@ -389,12 +389,11 @@ void forward_key_tile(const Geometry& g, const ForwardArgs<scalar_t>& a, const S
   pack_rows(t.v.data(), t.ld_v, a.v.row(sq.b, hk, sq.k0 + t0), a.v.si, nk, g.Dv);
   acc_t* st = t.st.data();
   // A block of keys computes only the query lanes it may see; the rest of its rows is not read.
-  tile_gemm_banded<acc_t>(
-      nk, g.D, k, ld_k, 1, t.qt.data(), BQp, st, BQp, false, [&](int64_t j, int n) {
-        const auto [begin, end] =
-            lane_span<acc_t>(sq.query_begin(t0 + j) - i0, sq.query_end(t0 + j + n - 1) - i0, rows);
-        return Extent{begin, end, 0, g.D};
-      });
+  tile_gemm<acc_t>(nk, g.D, k, ld_k, 1, t.qt.data(), BQp, st, BQp, false, [&](int64_t j, int n) {
+    const auto [begin, end] =
+        lane_span<acc_t>(sq.query_begin(t0 + j) - i0, sq.query_end(t0 + j + n - 1) - i0, rows);
+    return Extent{begin, end, 0, g.D};
+  });
 
   // Masks: queries are the lanes of a row of Sᵀ; a key's band is the query range that sees it.
   const Vec minus_inf(-kInf<acc_t>);
@@ -494,7 +493,7 @@ void forward_key_tile(const Geometry& g, const ForwardArgs<scalar_t>& a, const S
       }
     }
   }
-  tile_gemm_banded<acc_t>(
+  tile_gemm<acc_t>(
       rows, nk, st, 1, BQp, t.v.data(), t.ld_v, t.o.data(), t.ld_v, true, [&](int64_t r, int n) {
         return Extent{0, Dvw, sq.key_begin(i0 + r) - t0, sq.key_end(i0 + r + n - 1) - t0};
       });
@@ -696,10 +695,10 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
     const auto [first, last] = lane_span<acc_t>(begin, end, nk);
     return Extent{first, last, 0, depth};
   };
-  tile_gemm_banded<acc_t>(rows, g.D, q, t.ld_d, 1, t.kt.data(), BKp, p, BKp, false,
-                          [&](int64_t r, int n) { return key_lanes(r, n, g.D); });
-  tile_gemm_banded<acc_t>(rows, g.Dv, dout, t.ld_v, 1, t.vt.data(), BKp, ds, BKp, false,
-                          [&](int64_t r, int n) { return key_lanes(r, n, g.Dv); });
+  tile_gemm<acc_t>(rows, g.D, q, t.ld_d, 1, t.kt.data(), BKp, p, BKp, false,
+                   [&](int64_t r, int n) { return key_lanes(r, n, g.D); });
+  tile_gemm<acc_t>(rows, g.Dv, dout, t.ld_v, 1, t.vt.data(), BKp, ds, BKp, false,
+                   [&](int64_t r, int n) { return key_lanes(r, n, g.Dv); });
 
   const Vec minus_inf(-kInf<acc_t>);
   const int64_t row0 = (sq.b * g.Hq + h) * g.Lq + sq.q0 + i0;
@@ -739,16 +738,16 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
   const auto queries_seen = [&](int64_t j, int n, int64_t width) {
     return Extent{0, width, sq.query_begin(t0 + j) - i0, sq.query_end(t0 + j + n - 1) - i0};
   };
-  tile_gemm_banded<acc_t>(nk, rows, p, 1, BKp, dout, t.ld_v, t.dv.data(), t.ld_v, true,
-                          [&](int64_t j, int n) { return queries_seen(j, n, Dvw); });
-  tile_gemm_banded<acc_t>(nk, rows, ds, 1, BKp, q, t.ld_d, t.dk.data(), t.ld_d, true,
-                          [&](int64_t j, int n) { return queries_seen(j, n, Dw); });
-  tile_gemm_banded<acc_t>(rows, nk, ds, BKp, 1, t.k.data(), t.ld_d,
-                          a.dq_row(split, sq.b, h, sq.q0 + i0, g), g.Hq * a.dq_ld, true,
-                          [&](int64_t r, int n) {
-                            const auto [begin, end] = keys_seen(r, n);
-                            return Extent{0, Dw, begin, end};
-                          });
+  tile_gemm<acc_t>(nk, rows, p, 1, BKp, dout, t.ld_v, t.dv.data(), t.ld_v, true,
+                   [&](int64_t j, int n) { return queries_seen(j, n, Dvw); });
+  tile_gemm<acc_t>(nk, rows, ds, 1, BKp, q, t.ld_d, t.dk.data(), t.ld_d, true,
+                   [&](int64_t j, int n) { return queries_seen(j, n, Dw); });
+  tile_gemm<acc_t>(rows, nk, ds, BKp, 1, t.k.data(), t.ld_d,
+                   a.dq_row(split, sq.b, h, sq.q0 + i0, g), g.Hq * a.dq_ld, true,
+                   [&](int64_t r, int n) {
+                     const auto [begin, end] = keys_seen(r, n);
+                     return Extent{0, Dw, begin, end};
+                   });
 }
 
 // Whether any query tile of kv head hk's query heads over queries [query_begin, query_end) keeps

@@ -58,43 +58,38 @@ void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, i
   }
 }
 
-// The block for the last rows (rows < MR) of a column strip of NV vectors.
-template <typename T, int NV, int MR = kTileRows>
-void gemm_rows(int rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B, int64_t ldb,
-               T* C, int64_t ldc, bool accumulate) {
+// The block for `rows` (<= MR) rows and `vecs` (<= NV) vectors.
+template <typename T, int MR = kTileRows, int NV = kTileVecs>
+void gemm_tail(int rows, int vecs, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
+               int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   if constexpr (MR > 1) {
     if (rows < MR) {
-      gemm_rows<T, NV, MR - 1>(rows, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+      gemm_tail<T, MR - 1, NV>(rows, vecs, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+      return;
+    }
+  }
+  if constexpr (NV > 1) {
+    if (vecs < NV) {
+      gemm_tail<T, MR, NV - 1>(rows, vecs, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
       return;
     }
   }
   gemm_block<T, MR, NV>(K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
 }
 
-template <typename T, int NV>
-void gemm_strip(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
-                int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  for (int64_t m = 0; m < M; m += kTileRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
-    gemm_rows<T, NV>(rows, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, accumulate);
-  }
-}
-
-// C[M × N] = A · B, or C += A · B when accumulate; N % Vectorized<T>::size() == 0.
+// Rows [0, rows) (<= kTileRows), vectors [first, last) of C (+)= A · B.
 template <typename T>
-void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
-               int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+void gemm_row_block(int rows, int64_t first, int64_t last, int64_t K, const T* A, int64_t a_rs,
+                    int64_t a_ks, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int64_t lanes = at::vec::Vectorized<T>::size();
-  TORCH_INTERNAL_ASSERT(N % lanes == 0);
   constexpr int64_t strip = kTileVecs * lanes;
-  int64_t n = 0;
-  for (; n + strip <= N; n += strip) {
-    gemm_strip<T, kTileVecs>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
+  int64_t n = first;
+  for (; n + strip <= last; n += strip) {
+    gemm_tail<T>(rows, kTileVecs, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
   }
-  // kTileVecs == 2: at most one vector is left.
-  static_assert(kTileVecs == 2);
-  if (n < N) {
-    gemm_strip<T, 1>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
+  if (n < last) {
+    gemm_tail<T>(rows, static_cast<int>((last - n) / lanes), K, A, a_rs, a_ks, B + n, ldb, C + n,
+                 ldc, accumulate);
   }
 }
 
@@ -108,11 +103,9 @@ struct Extent {
 // band mask the products of a diagonal tile skip the pairs no row of the block can see. What lies
 // outside a block's columns is left as it was; an empty K range stores zeros unless accumulate.
 template <typename T, typename Extent_of>
-void tile_gemm_banded(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
-                      int64_t ldb, T* C, int64_t ldc, bool accumulate, const Extent_of& extent_of) {
+void tile_gemm(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
+               int64_t ldb, T* C, int64_t ldc, bool accumulate, const Extent_of& extent_of) {
   constexpr int64_t lanes = at::vec::Vectorized<T>::size();
-  constexpr int64_t strip = kTileVecs * lanes;
-  static_assert(kTileVecs == 2);
   for (int64_t m = 0; m < M; m += kTileRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
     const Extent e = extent_of(m, rows);
@@ -122,16 +115,8 @@ void tile_gemm_banded(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_
     if (depth == 0 && accumulate) {
       continue;
     }
-    const T* a = A + m * a_rs + k0 * a_ks;
-    const T* b = B + k0 * ldb;
-    T* c = C + m * ldc;
-    int64_t n = e.col_begin;
-    for (; n + strip <= e.col_end; n += strip) {
-      gemm_rows<T, kTileVecs>(rows, depth, a, a_rs, a_ks, b + n, ldb, c + n, ldc, accumulate);
-    }
-    if (n < e.col_end) {
-      gemm_rows<T, 1>(rows, depth, a, a_rs, a_ks, b + n, ldb, c + n, ldc, accumulate);
-    }
+    gemm_row_block<T>(rows, e.col_begin, e.col_end, depth, A + m * a_rs + k0 * a_ks, a_rs, a_ks,
+                      B + k0 * ldb, ldb, C + m * ldc, ldc, accumulate);
   }
 }
 
