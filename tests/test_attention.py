@@ -225,6 +225,39 @@ def test_non_contiguous_inputs(backend, device):
     assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["bhld", "blhd", "hbld", "qkv-slice"], ids=lambda s: s)
+def test_cpu_gradients_take_their_inputs_layout(layout):
+    """The CPU backward returns each gradient in its input's (dense) layout, so that autograd
+    accumulates it into .grad, or passes it back through the projection's view, without a copy;
+    a non-dense input (a slice of a packed qkv) gets a contiguous gradient. Values against the
+    reference, the key-parallel dQ copies included (batch 1, one head: few (sequence, head) pairs)."""
+    batch, heads, length = (1, 1, 200) if layout == "bhld" else (2, 3, 77)
+
+    def make(dim: int) -> torch.Tensor:
+        if layout == "bhld":
+            x = _randn((batch, heads, length, dim), torch.float32, "cpu")
+        elif layout == "blhd":
+            x = _randn((batch, length, heads, dim), torch.float32, "cpu").transpose(1, 2)
+        elif layout == "hbld":
+            x = _randn((heads, batch, length, dim), torch.float32, "cpu").permute(1, 0, 2, 3)
+        else:
+            x = _randn((batch, length, 3, heads, dim), torch.float32, "cpu")[:, :, 1].transpose(1, 2)
+        return x.detach().requires_grad_()
+
+    q, k, v = make(D), make(D), make(DV)
+    lengths = torch.tensor([length, length // 2][:batch])
+    out = mk.attention(q, k, v, lengths=lengths, causal=True, backend="cpu")
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out), retain_graph=True)
+    for x, g in zip((q, k, v), grads, strict=True):
+        if layout == "qkv-slice":
+            assert g.is_contiguous()
+        elif heads > 1:  # with size-1 dims the strides of a dense layout are ambiguous
+            assert g.stride() == x.stride()
+    ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference.attention(*ref_inputs, lengths=lengths, causal=True)
+    assert_forward_backward_close(out, ref, (q, k, v), ref_inputs, torch.float32)
+
+
 # gradcheck perturbs every input element: tiny shapes (q 2x2x3x3, k 2x2x4x3, v 2x2x4x2) keep it fast.
 def _small(lq=3, lk=4, batch=(2, 2)):
     return (*batch, lq, 3), (*batch, lk, 3), (*batch, lk, 2)

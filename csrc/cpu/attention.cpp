@@ -41,6 +41,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -185,11 +186,29 @@ Rows<const T> rows_of(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The strided view of an (batch, H, L, width) tensor over contiguous (batch, L, H, width) memory,
-// as the outputs are laid out.
 template <typename T>
-Rows<T> output_rows(T* data, int64_t L, int64_t H, int64_t width) {
-  return {data, L * H * width, width, H * width};
+Rows<T> writable_rows_of(at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The gradient of x in x's own layout when that is dense with unit last stride (else contiguous):
+// autograd then accumulates it into .grad, or hands it back through the view that made x (the
+// (batch, L, H, D) projections' transpose), without a copy.
+at::Tensor empty_grad_like(const at::Tensor& x) {
+  if (!x.is_non_overlapping_and_dense() || x.stride(3) != 1) {
+    return empty_for_writing(x.sizes(), x.options());
+  }
+  std::array<int64_t, 3> order{0, 1, 2};  // the leading dims, outermost in memory first
+  std::stable_sort(order.begin(), order.end(),
+                   [&x](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+  std::array<int64_t, 4> back{};
+  for (const auto d : c10::irange(3)) {
+    back[order[d]] = d;
+  }
+  back[3] = 3;
+  return empty_for_writing({x.size(order[0]), x.size(order[1]), x.size(order[2]), x.size(3)},
+                           x.options())
+      .permute(back);
 }
 
 struct MaskTiles {
@@ -573,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     const ForwardArgs<scalar_t> a{
         rows_of<scalar_t>(q),      rows_of<scalar_t>(k),
         rows_of<scalar_t>(v),      mask_of<scalar_t>(mask, mask_tiles),
-        static_cast<acc_t>(scale), output_rows(out.data_ptr<scalar_t>(), g.Lq, g.Hq, g.Dv),
+        static_cast<acc_t>(scale), writable_rows_of<scalar_t>(out),
         lse.data_ptr<acc_t>()};
     parallel_tasks(first_task.back(), [&](const auto& claim) {
       ForwardTiles<acc_t> tiles(g, a.mask.keep != nullptr, a.mask.add != nullptr);
@@ -599,15 +618,14 @@ struct BackwardArgs {
   acc_type<scalar_t> scale;
   const acc_type<scalar_t>* lse;
   const acc_type<scalar_t>* delta;
-  // dQ accumulators: `splits` copies of (batch, Lq, Hq, dq_ld), the first possibly dq itself.
-  acc_type<scalar_t>* dq_acc;
+  // dQ accumulators: `splits` copies, dq_copy apart, of rows dq_ld wide; the first possibly dq.
+  Rows<acc_type<scalar_t>> dq;
   int64_t dq_ld, dq_copy;
   Rows<scalar_t> dk, dv;
   int64_t splits;
 
-  acc_type<scalar_t>* dq_row(int64_t split, int64_t b, int64_t h, int64_t i,
-                             const Geometry& g) const {
-    return dq_acc + split * dq_copy + ((b * g.Lq + i) * g.Hq + h) * dq_ld;
+  acc_type<scalar_t>* dq_row(int64_t split, int64_t b, int64_t h, int64_t i) const {
+    return dq.row(b, h, i) + split * dq_copy;
   }
 };
 
@@ -743,7 +761,7 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
   tile_gemm<acc_t>(nk, rows, ds, 1, BKp, q, t.ld_d, t.dk.data(), t.ld_d, true,
                    [&](int64_t j, int n) { return queries_seen(j, n, Dw); });
   tile_gemm<acc_t>(rows, nk, ds, BKp, 1, t.k.data(), t.ld_d,
-                   a.dq_row(split, sq.b, h, sq.q0 + i0, g), g.Hq * a.dq_ld, true,
+                   a.dq_row(split, sq.b, h, sq.q0 + i0), a.dq.si, true,
                    [&](int64_t r, int n) {
                      const auto [begin, end] = keys_seen(r, n);
                      return Extent{0, Dw, begin, end};
@@ -775,7 +793,7 @@ void backward_task(const Geometry& g, const BackwardArgs<scalar_t>& a, int64_t s
   const Sequence sq = g.sequence(s);
   for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
     for (const auto i : c10::irange(sq.rows_q)) {
-      std::fill_n(a.dq_row(split, sq.b, h, sq.q0 + i, g), a.dq_ld, acc_t(0));
+      std::fill_n(a.dq_row(split, sq.b, h, sq.q0 + i), a.dq_ld, acc_t(0));
     }
   }
   const int64_t key_rows = sq.rows_k;
@@ -858,9 +876,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const Geometry g = make_geometry(q, k, v, lens, qlens, cu_q, cu_k, causal, window_left,
                                    window_right, block_q, block_k);
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor dq = empty_for_writing({g.batch, g.Lq, g.Hq, g.D}, q.options()).transpose(1, 2);
-  at::Tensor dk = empty_for_writing({g.batch, g.Lk, g.Hkv, g.D}, q.options()).transpose(1, 2);
-  at::Tensor dv = empty_for_writing({g.batch, g.Lk, g.Hkv, g.Dv}, q.options()).transpose(1, 2);
+  at::Tensor dq = empty_grad_like(q), dk = empty_grad_like(k), dv = empty_grad_like(v);
   if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) {
     return {dq, dk, dv};
   }
@@ -885,12 +901,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const bool in_place = std::is_same_v<scalar_t, acc_t> && splits == 1 && g.D % lanes == 0;
     const int64_t dq_ld = round_up(g.D, lanes), dq_copy = g.batch * g.Lq * g.Hq * dq_ld;
     at::Tensor dq_copies;
-    acc_t* dq_acc = nullptr;
+    Rows<acc_t> dq_acc{};
     if (in_place) {
-      dq_acc = reinterpret_cast<acc_t*>(dq.data_ptr<scalar_t>());
-    } else {
+      dq_acc = {reinterpret_cast<acc_t*>(dq.data_ptr<scalar_t>()), dq.stride(0), dq.stride(1),
+                dq.stride(2)};
+    } else {  // (batch, Lq, Hq, dq_ld) copies
       dq_copies = empty_for_writing({splits * dq_copy}, q.options().dtype(acc_dtype));
-      dq_acc = dq_copies.data_ptr<acc_t>();
+      dq_acc = {dq_copies.data_ptr<acc_t>(), g.Lq * g.Hq * dq_ld, dq_ld, g.Hq * dq_ld};
     }
     const BackwardArgs<scalar_t> a{rows_of<scalar_t>(q),
                                    rows_of<scalar_t>(k),
@@ -903,8 +920,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                                    dq_acc,
                                    dq_ld,
                                    dq_copy,
-                                   output_rows(dk.data_ptr<scalar_t>(), g.Lk, g.Hkv, g.D),
-                                   output_rows(dv.data_ptr<scalar_t>(), g.Lk, g.Hkv, g.Dv),
+                                   writable_rows_of<scalar_t>(dk),
+                                   writable_rows_of<scalar_t>(dv),
                                    splits};
     const int64_t per_sequence = g.Hkv * splits;
     parallel_tasks(g.sequences * per_sequence, [&](const auto& claim) {
@@ -915,20 +932,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       }
     });
     if (!in_place) {
-      // dq = the sum of the copies, in split order.
-      scalar_t* dq_out = dq.data_ptr<scalar_t>();
-      const int64_t dq_rows = g.batch * g.Lq * g.Hq;
-      parallel_row_ranges(dq_rows, splits * dq_ld, [&](int64_t first, int64_t last) {
+      // dq = the sum of the copies, in split order; rows (b, h, i) in (b, i, h) order.
+      const Rows<scalar_t> dq_out = writable_rows_of<scalar_t>(dq);
+      parallel_row_ranges(g.batch * g.Lq * g.Hq, splits * dq_ld, [&](int64_t first, int64_t last) {
         std::vector<acc_t> sum(dq_ld);
         for (int64_t row = first; row < last; ++row) {
-          std::copy_n(dq_acc + row * dq_ld, dq_ld, sum.begin());
+          const int64_t b = row / (g.Lq * g.Hq), i = row / g.Hq % g.Lq, h = row % g.Hq;
+          std::copy_n(a.dq_row(0, b, h, i), dq_ld, sum.begin());
           for (int64_t split = 1; split < splits; ++split) {
-            const acc_t* copy = dq_acc + split * dq_copy + row * dq_ld;
+            const acc_t* copy = a.dq_row(split, b, h, i);
             for (const auto c : c10::irange(dq_ld)) {
               sum[c] += copy[c];
             }
           }
-          store_row(dq_out + row * g.D, sum.data(), g.D, acc_t(1));
+          store_row(dq_out.row(b, h, i), sum.data(), g.D, acc_t(1));
         }
       });
     }
