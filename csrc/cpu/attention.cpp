@@ -311,9 +311,11 @@ void store_row(scalar_t* dst, const acc_type<scalar_t>* src, int64_t n, acc_type
   }
 }
 
+// Zeros for rows that nothing computes (padded queries and keys): streamed, as nothing reads them
+// back soon and a normal store would first read each line in.
 template <typename scalar_t>
 void zero_row(scalar_t* dst, int64_t n) {
-  std::fill(dst, dst + n, scalar_t(0));
+  stream_copy(dst, nullptr, static_cast<size_t>(n) * sizeof(scalar_t));
 }
 
 // Lanes [first, first + lanes) of an index range, as the compute type: compared with the bounds of
@@ -792,8 +794,14 @@ void backward_task(const Geometry& g, const BackwardArgs<scalar_t>& a, int64_t s
   using acc_t = acc_type<scalar_t>;
   const Sequence sq = g.sequence(s);
   for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+    // The rows the tiles add into stay in the caches; those past n_q are only ever zeros.
     for (const auto i : c10::irange(sq.rows_q)) {
-      std::fill_n(a.dq_row(split, sq.b, h, sq.q0 + i), a.dq_ld, acc_t(0));
+      acc_t* row = a.dq_row(split, sq.b, h, sq.q0 + i);
+      if (i < sq.n_q) {
+        std::fill_n(row, a.dq_ld, acc_t(0));
+      } else {
+        zero_row(row, a.dq_ld);
+      }
     }
   }
   const int64_t key_rows = sq.rows_k;

@@ -240,7 +240,8 @@ def varlen_attention(
         q4, k4, v4, None, None, None, cu_q, cu_k, max_q, max_k,
         code, left, right, scale, True, backend,
     )  # fmt: skip
-    return out[0].transpose(0, 1)
+    # squeeze, not out[0]: its backward is a view, where select's zero-fills and copies the gradient.
+    return out.squeeze(0).transpose(0, 1)
 
 
 # --- argument checks ----------------------------------------------------------------------------
