@@ -591,11 +591,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
-    const ForwardArgs<scalar_t> a{
-        rows_of<scalar_t>(q),      rows_of<scalar_t>(k),
-        rows_of<scalar_t>(v),      mask_of<scalar_t>(mask, mask_tiles),
-        static_cast<acc_t>(scale), writable_rows_of<scalar_t>(out),
-        lse.data_ptr<acc_t>()};
+    const ForwardArgs<scalar_t> a{rows_of<scalar_t>(q),      rows_of<scalar_t>(k),
+                                  rows_of<scalar_t>(v),      mask_of<scalar_t>(mask, mask_tiles),
+                                  static_cast<acc_t>(scale), writable_rows_of<scalar_t>(out),
+                                  lse.data_ptr<acc_t>()};
     parallel_tasks(first_task.back(), [&](const auto& claim) {
       ForwardTiles<acc_t> tiles(g, a.mask.keep != nullptr, a.mask.add != nullptr);
       for (int64_t task = 0; claim(task);) {
@@ -762,9 +761,8 @@ void backward_query_tile(const Geometry& g, const BackwardArgs<scalar_t>& a, con
                    [&](int64_t j, int n) { return queries_seen(j, n, Dvw); });
   tile_gemm<acc_t>(nk, rows, ds, 1, BKp, q, t.ld_d, t.dk.data(), t.ld_d, true,
                    [&](int64_t j, int n) { return queries_seen(j, n, Dw); });
-  tile_gemm<acc_t>(rows, nk, ds, BKp, 1, t.k.data(), t.ld_d,
-                   a.dq_row(split, sq.b, h, sq.q0 + i0), a.dq.si, true,
-                   [&](int64_t r, int n) {
+  tile_gemm<acc_t>(rows, nk, ds, BKp, 1, t.k.data(), t.ld_d, a.dq_row(split, sq.b, h, sq.q0 + i0),
+                   a.dq.si, true, [&](int64_t r, int n) {
                      const auto [begin, end] = keys_seen(r, n);
                      return Extent{0, Dw, begin, end};
                    });
