@@ -135,6 +135,10 @@ class Case:
         budget: how long to measure this case, in place of the run's (for calls of seconds).
         peak: False when the providers allocate in other processes (the script then fills
             ``Measurement.peak_bytes`` itself); the harness measures the peak in this one otherwise.
+        grad_layout: provider -> a function that maps the fixed output gradient (in the reference's
+            layout) to that provider's output layout, once, untimed: for baselines that compute the
+            same result in another layout (padded against packed sequences), so that neither side
+            times a layout conversion.
     """
 
     name: str
@@ -154,6 +158,7 @@ class Case:
     work_unit: str = ""
     budget: Budget | None = None
     peak: bool = True
+    grad_layout: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)
 
 
 # The baseline of the "pays" targets (time at 50% padding or ignored / at 0%): maskkern at 0%,
@@ -255,6 +260,12 @@ def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 # --- running a case -----------------------------------------------------------------------------
+
+
+def _provider_grad(case: Case, provider: str, grad: Tensor | None) -> Tensor | None:
+    """The fixed output gradient in ``provider``'s output layout (Case.grad_layout)."""
+    layout = case.grad_layout.get(provider)
+    return grad if grad is None or layout is None else layout(grad).detach()
 
 
 def _mode_fn(fn: Callable[..., Tensor], inputs: dict[str, Any], mode: str, leaves: list[Tensor], grad):
@@ -461,7 +472,10 @@ class Context:
             on_mode(mode)
             for t in leaves:
                 t.requires_grad_(mode == "fwd+bwd")
-            calls = {n: _mode_fn(fn, inputs, mode, leaves, grad) for n, fn in providers.items()}
+            calls = {
+                name: _mode_fn(fn, inputs, mode, leaves, _provider_grad(case, name, grad))
+                for name, fn in providers.items()
+            }
             if NO_CACHE in calls:
                 calls[NO_CACHE] = _cache_off(calls[NO_CACHE])
             grads = GradSlots(leaves if mode == "fwd+bwd" else [])
