@@ -56,6 +56,7 @@ from ._common import (
     check_label_smoothing,
     check_reduction,
     check_same_device,
+    check_target_mask,
     check_tensor,
     check_z_loss,
     compute_dtype,
@@ -128,13 +129,7 @@ def masked_cross_entropy(
                 "masked_cross_entropy is not differentiable with respect to weight (nor is "
                 "F.cross_entropy): pass weight.detach()"
             )
-    if mask is not None:
-        check_tensor(mask, "mask")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be bool (True = the target counts), got dtype {mask.dtype}")
-        check_same_device(mask, "mask", input, "input")
-        if mask.shape != target.shape:
-            raise ValueError(f"mask must have target's shape {tuple(target.shape)}, got {tuple(mask.shape)}")
+    check_target_mask(mask, target)
     check_int(ignore_index, "ignore_index")
     check_reduction(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
