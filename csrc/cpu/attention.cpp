@@ -909,9 +909,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     at::Tensor dq_copies;
     Rows<acc_t> dq_acc{};
     if (in_place) {
-      dq_acc = {reinterpret_cast<acc_t*>(dq.data_ptr<scalar_t>()), dq.stride(0), dq.stride(1),
-                dq.stride(2)};
-    } else {  // (batch, Lq, Hq, dq_ld) copies
+      dq_acc = writable_rows_of<acc_t>(dq);  // in place only when scalar_t is acc_t
+    } else {                                 // (batch, Lq, Hq, dq_ld) copies
       dq_copies = empty_for_writing({splits * dq_copy}, q.options().dtype(acc_dtype));
       dq_acc = {dq_copies.data_ptr<acc_t>(), g.Lq * g.Hq * dq_ld, dq_ld, g.Hq * dq_ld};
     }
